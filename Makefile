@@ -1,0 +1,29 @@
+# One-command set-up: `make demo` and `make test` create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The exact CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest tests
+
+demo: venv
+	$(VENV)/bin/passion demo
+
+bench: venv
+	$(PY) benchmarks/models.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

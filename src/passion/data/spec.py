@@ -1,0 +1,174 @@
+"""Dataset specifications: modality order, file suffixes, label maps, evaluation regions.
+
+Everything downstream (splits, models, metrics, reports) takes the modality order and the
+subset enumeration from here, so that a new dataset is one preset, not a code change.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+Mask = tuple[bool, ...]
+
+# Reference subset order of the BraTS split files (mask_id 0..14), as [flair, t1ce, t1, t2].
+_REFERENCE_ORDER_4 = [
+    (0, 0, 0, 1), (0, 1, 0, 0), (0, 0, 1, 0), (1, 0, 0, 0),
+    (0, 1, 0, 1), (0, 1, 1, 0), (1, 0, 1, 0), (0, 0, 1, 1), (1, 0, 0, 1), (1, 1, 0, 0),
+    (1, 1, 1, 0), (1, 0, 1, 1), (1, 1, 0, 1), (0, 1, 1, 1),
+    (1, 1, 1, 1),
+]
+
+
+def enumerate_subsets(num_modalities: int) -> list[Mask]:
+    """All 2^M - 1 non-empty subsets as boolean masks, in the project's canonical order.
+
+    For four modalities this is the reference order of the published split files, so that
+    `mask_id` values are interchangeable with them; otherwise subsets are ordered by size,
+    then lexicographically with the first modality most significant.
+    """
+    if num_modalities < 1:
+        raise ValueError("a dataset needs at least one modality")
+    if num_modalities == 4:
+        return [tuple(bool(v) for v in m) for m in _REFERENCE_ORDER_4]
+    subsets = []
+    for size in range(1, num_modalities + 1):
+        for idx in itertools.combinations(range(num_modalities), size):
+            subsets.append(tuple(i in idx for i in range(num_modalities)))
+    return subsets
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a multi-modal segmentation dataset looks like on disk and how it is scored."""
+
+    name: str
+    modalities: tuple[str, ...]
+    # file name suffix per modality: <case>_<suffix>.nii.gz
+    suffixes: tuple[str, ...]
+    label_suffix: str
+    # raw label value on disk -> training class index (0..C-1); background must map to 0
+    label_map: dict[int, int]
+    class_names: tuple[str, ...]
+    # evaluation region name -> training classes it is made of
+    regions: dict[str, tuple[int, ...]]
+    # region whose small predictions are removed in post-processing (BraTS: ET)
+    postprocess_region: str | None = None
+    postprocess_min_voxels: int = 500
+    spatial_dims: int = 3
+    file_extension: str = ".nii.gz"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_modalities(self) -> int:
+        return len(self.modalities)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def inverse_label_map(self) -> dict[int, int]:
+        return {v: k for k, v in self.label_map.items()}
+
+    def modality_index(self, name: str) -> int:
+        try:
+            return self.modalities.index(name.lower())
+        except ValueError:
+            raise ValueError(
+                f"unknown modality {name!r} for dataset {self.name}; expected one of {', '.join(self.modalities)}"
+            ) from None
+
+    def subsets(self) -> list[Mask]:
+        return enumerate_subsets(self.num_modalities)
+
+    def subset_id(self, mask) -> int:
+        mask = tuple(bool(v) for v in mask)
+        try:
+            return self.subsets().index(mask)
+        except ValueError:
+            raise ValueError(f"mask {list(mask)} is not a non-empty subset of {self.num_modalities} modalities") from None
+
+    def subset_name(self, mask) -> str:
+        """Human-readable subset name, e.g. 'flair+t1ce'."""
+        names = [m for m, on in zip(self.modalities, mask) if on]
+        if not names:
+            raise ValueError("empty modality subset")
+        return "+".join(names)
+
+    def parse_subset(self, text: str) -> Mask:
+        """'flair+t1ce' (or 'flair,t1ce') -> mask; 'all' -> every modality."""
+        if text.strip().lower() == "all":
+            return tuple(True for _ in self.modalities)
+        parts = [p for p in text.replace(",", "+").split("+") if p.strip()]
+        idx = {self.modality_index(p.strip()) for p in parts}
+        if not idx:
+            raise ValueError(f"empty modality subset {text!r}")
+        return tuple(i in idx for i in range(self.num_modalities))
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "modalities": list(self.modalities),
+            "suffixes": list(self.suffixes),
+            "label_suffix": self.label_suffix,
+            "label_map": {str(k): v for k, v in self.label_map.items()},
+            "class_names": list(self.class_names),
+            "regions": {k: list(v) for k, v in self.regions.items()},
+            "postprocess_region": self.postprocess_region,
+            "postprocess_min_voxels": self.postprocess_min_voxels,
+            "spatial_dims": self.spatial_dims,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DatasetSpec":
+        return cls(
+            name=d["name"],
+            modalities=tuple(d["modalities"]),
+            suffixes=tuple(d["suffixes"]),
+            label_suffix=d["label_suffix"],
+            label_map={int(k): int(v) for k, v in d["label_map"].items()},
+            class_names=tuple(d["class_names"]),
+            regions={k: tuple(v) for k, v in d["regions"].items()},
+            postprocess_region=d.get("postprocess_region"),
+            postprocess_min_voxels=int(d.get("postprocess_min_voxels", 500)),
+            spatial_dims=int(d.get("spatial_dims", 3)),
+        )
+
+
+_BRATS_CLASSES = ("background", "necrotic_core", "edema", "enhancing")
+_BRATS_REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+
+PRESETS: dict[str, DatasetSpec] = {
+    "brats2020": DatasetSpec(
+        name="brats2020",
+        modalities=("flair", "t1ce", "t1", "t2"),
+        suffixes=("flair", "t1ce", "t1", "t2"),
+        label_suffix="seg",
+        label_map={0: 0, 1: 1, 2: 2, 4: 3},
+        class_names=_BRATS_CLASSES,
+        regions=_BRATS_REGIONS,
+        postprocess_region="ET",
+    ),
+    "brats2023": DatasetSpec(
+        name="brats2023",
+        modalities=("t2f", "t1c", "t1n", "t2w"),
+        suffixes=("t2f", "t1c", "t1n", "t2w"),
+        label_suffix="seg",
+        label_map={0: 0, 1: 1, 2: 2, 3: 3},
+        class_names=_BRATS_CLASSES,
+        regions=_BRATS_REGIONS,
+        postprocess_region="ET",
+    ),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    try:
+        return PRESETS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+def register_spec(spec: DatasetSpec) -> DatasetSpec:
+    PRESETS[spec.name] = spec
+    return spec

@@ -1,0 +1,88 @@
+"""The one backbone contract (METHOD.md section 3).
+
+Every backbone takes images [B, M, *spatial] and a per-sample availability mask [B, M]
+(bool) and exposes three stages, so that objectives, evaluators and exporters work with
+every backbone without adapters:
+
+- ``encode(x, mask) -> Features``: per-modality multi-scale features. Inputs and features of
+  unavailable modalities are zero. ``Features.scales[l]`` has shape [B, M, C_l, *spatial_l],
+  finest scale first. Backbones may stash extra per-modality tensors in ``Features.extra``
+  (same leading [B, M] layout) when their fusion needs them.
+- ``fuse(features, mask) -> FusedOutput``: the fusion decoder. ``mask`` may differ per sample,
+  and may differ from the mask given to ``encode`` (PASSION re-runs the fusion with one-hot
+  masks on the same features); fuse must itself zero the features of modalities that are off
+  in *its* mask.
+- ``decode_single(features, mask=None) -> logits [B, M, C, *spatial]``: the shared
+  single-modality decoder applied to each modality's features. Entries whose mask is False
+  may be skipped (returned as zeros).
+- ``forward(x, mask) -> logits [B, C, *spatial]`` for inference.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Features:
+    """Per-modality encoder features: each tensor is [B, M, ...]."""
+
+    scales: list[Tensor]
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.scales[0].shape[0]
+
+    def map(self, fn) -> "Features":
+        return Features([fn(t) for t in self.scales], {k: fn(v) for k, v in self.extra.items()})
+
+    def repeat_each(self, times: int) -> "Features":
+        """Repeat every sample `times` times consecutively ([B, ...] -> [B*times, ...])."""
+        return self.map(lambda t: t.repeat_interleave(times, dim=0))
+
+
+@dataclass
+class FusedOutput:
+    """Output of the fusion decoder.
+
+    logits: [B, C, *spatial] at input resolution.
+    aux_logits: auxiliary logits z^1..z^S (pre-softmax, possibly coarser); index 0 is s=1,
+        the finest auxiliary scale, weighted 2^-1 by the objectives.
+    decoder_features: decoder features g^1.. ; index 0 is the finest (used by PASSION's
+        prototype distillation).
+    """
+
+    logits: Tensor
+    aux_logits: list[Tensor] = field(default_factory=list)
+    decoder_features: list[Tensor] = field(default_factory=list)
+
+
+class Backbone(nn.Module, abc.ABC):
+    """Base class for all segmentation backbones; subclasses implement the three stages."""
+
+    num_modalities: int
+    num_classes: int
+    spatial_dims: int = 3
+
+    @abc.abstractmethod
+    def encode(self, x: Tensor, mask: Tensor) -> Features: ...
+
+    @abc.abstractmethod
+    def fuse(self, features: Features, mask: Tensor) -> FusedOutput: ...
+
+    @abc.abstractmethod
+    def decode_single(self, features: Features, mask: Tensor | None = None) -> Tensor: ...
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        mask = mask.to(dtype=torch.bool, device=x.device)
+        return self.fuse(self.encode(x, mask), mask).logits
+
+    @staticmethod
+    def zero_unavailable(x: Tensor, mask: Tensor) -> Tensor:
+        """Zero modality channels of x ([B, M, ...]) where mask ([B, M]) is False."""
+        shape = mask.shape + (1,) * (x.dim() - 2)
+        return x * mask.reshape(shape).to(x.dtype)
