@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
+from .utils import PassionError, atomic_write_text
 
-class ConfigError(ValueError):
+
+class ConfigError(PassionError, ValueError):
     """A configuration value is invalid; the message is one line meant for the user."""
 
 
@@ -165,8 +167,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from .utils import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 

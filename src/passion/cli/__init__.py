@@ -1,7 +1,7 @@
 """The `passion` command: a thin layer over the Python API.
 
 Each group of verbs lives in its own module and registers itself on `app`:
-data.py (synth, prepare, split), train.py (train), evaluate.py (evaluate, predict),
+data.py (synth, prepare), split.py (split), train.py (train), evaluate.py (evaluate, predict),
 report.py (report, demo).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ..utils import PassionError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PASSION: multi-modal segmentation with missing modalities.")
 
-_COMMAND_MODULES = ("data", "train", "evaluate", "report")
+_COMMAND_MODULES = ("data", "split", "train", "evaluate", "report")
 
 
 def _register() -> None:

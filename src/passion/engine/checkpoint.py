@@ -1,0 +1,81 @@
+"""Checkpoints: atomic save, safe load (weights_only=True), and model reconstruction.
+
+A checkpoint is a plain dict of tensors and JSON-like values, so it loads with
+``torch.load(weights_only=True)`` and never unpickles arbitrary objects:
+
+    {"format": "passion-checkpoint", "version": 1,
+     "config": Config.to_dict(), "config_hash": str, "spec": DatasetSpec.to_dict(),
+     "model": state_dict, "epoch": int (epochs completed), "iteration": int (global step),
+     "optimizer": ..., "scheduler": ..., "objective": ..., "rng": ..., "scaler": ...}
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from ..config import Config, config_from_dict
+from ..data.spec import DatasetSpec
+from ..utils import PassionError, atomic_path
+
+FORMAT = "passion-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise PassionError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PassionError(f"{path}: not a readable passion checkpoint ({first[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise PassionError(f"{path}: not a passion checkpoint (no '{FORMAT}' marker)")
+    return ckpt
+
+
+def resolve_checkpoint(run_or_ckpt: str | Path, which: str = "last") -> Path:
+    """`which` is 'last', 'best', an epoch number, or a path; run_or_ckpt a run dir or a file."""
+    p = Path(run_or_ckpt)
+    if p.is_file():
+        return p
+    if which and Path(which).is_file():
+        return Path(which)
+    name = f"epoch_{int(which):04d}.pt" if str(which).isdigit() else f"{which}.pt"
+    cand = p / "checkpoints" / name
+    if not cand.is_file():
+        raise PassionError(f"no checkpoint {name} in {p / 'checkpoints'}")
+    return cand
+
+
+def model_from_checkpoint(ckpt: dict, device="cpu"):
+    """Rebuild the model of a checkpoint; returns (model in eval mode, Config, DatasetSpec)."""
+    cfg: Config = config_from_dict(ckpt["config"])
+    spec = DatasetSpec.from_dict(ckpt["spec"])
+    model = build_model_for(cfg, spec)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), cfg, spec
+
+
+def build_model_for(cfg: Config, spec: DatasetSpec):
+    """The one place where a config and a dataset spec become a backbone."""
+    from ..models import build_model
+
+    return build_model(
+        cfg.model.name,
+        num_modalities=spec.num_modalities,
+        num_classes=spec.num_classes,
+        base_width=cfg.model.base_width,
+        patch_size=tuple(cfg.model.patch_size),
+        spatial_dims=spec.spatial_dims,
+        **cfg.model.options,
+    )

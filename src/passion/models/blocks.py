@@ -1,0 +1,40 @@
+"""Building blocks shared by all backbones: dimension-generic conv / norm / activation.
+
+Every backbone of the paper uses Conv + InstanceNorm + LeakyReLU(0.2) with reflect padding;
+`dims` selects 2D or 3D so the same code serves both.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+def conv_cls(dims: int):
+    return {2: nn.Conv2d, 3: nn.Conv3d}[dims]
+
+
+def norm_cls(dims: int):
+    return {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dims]
+
+
+class ConvNormAct(nn.Module):
+    """conv(k, stride, reflect pad) -> InstanceNorm(affine) -> LeakyReLU(0.2)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, padding: int | None = None,
+                 dims: int = 3, pad_mode: str = "reflect", norm: bool = True, act: bool = True,
+                 bias: bool = True, slope: float = 0.2):
+        super().__init__()
+        padding = (kernel // 2) if padding is None else padding
+        self.conv = conv_cls(dims)(in_ch, out_ch, kernel, stride=stride, padding=padding,
+                                   padding_mode=pad_mode if padding else "zeros", bias=bias)
+        self.norm = norm_cls(dims)(out_ch, affine=True) if norm else nn.Identity()
+        self.act = nn.LeakyReLU(slope, inplace=True) if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.norm(self.conv(x)))
+
+
+def kaiming_init(module: nn.Module) -> None:
+    """Kaiming-normal conv weights, as the paper's backbones initialise them."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            nn.init.kaiming_normal_(m.weight)
