@@ -1,0 +1,436 @@
+"""The training loop: data, model, objective, optimiser, schedule, precision, DDP, checkpoints.
+
+Exact resume is a design goal: the data order and augmentation of every iteration are a pure
+function of (seed, epoch, index), and a checkpoint carries everything else that changes
+(weights, optimiser, objective state, RNG states, position in the epoch), so a run killed at
+any point and resumed reaches the same weights and metrics as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError, save_config
+from ..data.cache import read_index, read_spec
+from ..data.spec import DatasetSpec
+from ..utils import PassionError, atomic_write_text, progress
+from .checkpoint import build_model_for, load_checkpoint, save_checkpoint
+from .distributed import DistContext, init_distributed, shutdown
+
+log = logging.getLogger("passion.train")
+
+# Config sections that define what a checkpoint *is*; resuming with any of them changed is refused.
+_IDENTITY_KEYS = ("data", "model", "objective")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local_rank}")
+    return dev
+
+
+def autocast_context(precision: str, device: torch.device):
+    """Autocast for bf16/fp16; fp32 runs without it. fp16 is only offered on CUDA."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision fp16 needs a CUDA device; use bf16 on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def poly_lr(base_lr: float, epoch: int, epochs: int, power: float) -> float:
+    return base_lr * (1.0 - epoch / epochs) ** power
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[0],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate((state["python_pos"], tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _ObjectiveStep(nn.Module):
+    """Runs the objective inside forward() so that DDP sees the whole graph of one step."""
+
+    def __init__(self, model: nn.Module, objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: dict, epoch: int):
+        out = self.objective(self.model, batch, epoch)
+        return out.loss, out.stats
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epoch in progress (== epochs completed at an epoch boundary)
+    iteration: int = 0  # iterations completed within `epoch`
+    step: int = 0  # global iterations completed
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False, force: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(int(t.threads))
+        self.device = resolve_device(t.device)
+        self.dist: DistContext = init_distributed(self.device, t.distributed_backend)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = resolve_device(t.device, self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        autocast_context(t.precision, self.device)  # validates precision vs device early
+
+        self._check_run_dir(resume, force)
+        self._setup_data()
+        self._setup_model_and_objective()
+        self.state = TrainState()
+        if resume:
+            self._resume()
+        elif self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "metrics.jsonl").write_text("")
+        self.dist.barrier()
+        self._tb = self._open_tensorboard() if (t.tensorboard and self.dist.is_main) else None
+
+    # ----------------------------------------------------------------- setup
+    def _check_run_dir(self, resume: bool, force: bool) -> None:
+        last = self.ckpt_dir / "last.pt"
+        if resume:
+            if not last.is_file():
+                raise PassionError(f"cannot resume: {last} does not exist")
+        elif last.is_file() and not force:
+            raise PassionError(
+                f"{self.run_dir} already holds a training run; use --resume {self.run_dir} to continue it "
+                f"or --force to start over")
+
+    def _setup_data(self) -> None:
+        from ..data.datasets import TrainDataset, availability_counts
+        from ..data.splits import load_split
+
+        cfg = self.cfg
+        if not cfg.data.cache:
+            raise ConfigError("data.cache is not set (a folder made by `passion prepare`)")
+        if not cfg.data.split:
+            raise ConfigError("data.split is not set (a folder made by `passion split`)")
+        self.spec: DatasetSpec = read_spec(cfg.data.cache)
+        index = read_index(cfg.data.cache)
+        shapes = {c["name"]: c.get("shape") for c in index["cases"]}
+        split = load_split(cfg.data.split)
+        self.train_cases = list(split.train)
+        if not self.train_cases:
+            raise ConfigError(f"{cfg.data.split}: the training list is empty")
+        missing = [n for n in self.train_cases if n not in shapes]
+        if missing:
+            raise ConfigError(f"training case {missing[0]!r} from {cfg.data.split} is not in cache {cfg.data.cache}")
+        patch = cfg.model.patch_size
+        if len(patch) != self.spec.spatial_dims:
+            raise ConfigError(f"model.patch_size {patch} has {len(patch)} axes but {self.spec.name} images have "
+                              f"{self.spec.spatial_dims}")
+        for name in self.train_cases:
+            shape = shapes[name]
+            if shape and any(p > s for p, s in zip(patch, shape)):
+                raise ConfigError(f"model.patch_size {patch} is larger than case {name!r} ({list(shape)}) in "
+                                  f"{cfg.data.cache}; use a smaller patch or prepare with a larger --min-size")
+        masks = split.masks_for(self.train_cases, setting=cfg.data.setting, cache_index=index)
+        self.dataset = TrainDataset(
+            cfg.data.cache, self.train_cases, masks, setting=cfg.data.setting, patch_size=patch,
+            augment=cfg.data.augment, seed=cfg.train.seed, spec=self.spec)
+        self.availability = availability_counts(masks)
+        for m, n in enumerate(self.availability):
+            if n == 0 and cfg.data.setting != "pdt":
+                raise ConfigError(f"modality {self.spec.modalities[m]!r} is present in no training case of "
+                                  f"{cfg.data.split}; PASSION's availability weight would divide by zero")
+        per_iter = cfg.train.batch_size * self.dist.world_size
+        self.iters_per_epoch = cfg.train.iters_per_epoch or math.ceil(len(self.train_cases) / per_iter)
+
+    def _setup_model_and_objective(self) -> None:
+        from ..method import build_objective
+
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
+        try:
+            self.model = build_model_for(cfg, self.spec).to(self.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        try:
+            self.objective = build_objective(
+                cfg.objective.name, cfg.objective, num_modalities=self.spec.num_modalities,
+                modality_names=list(self.spec.modalities), availability_counts=list(self.availability),
+                iters_per_epoch=self.iters_per_epoch, setting=cfg.data.setting)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.objective.all_reduce = self.dist.all_reduce_sum
+        step = _ObjectiveStep(self.model, self.objective)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            step = DDP(step, device_ids=ids, find_unused_parameters=True)
+        self.step_module = step
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+            weight_decay=t.weight_decay, amsgrad=t.amsgrad)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=(t.precision == "fp16"))
+
+    # ----------------------------------------------------------------- checkpoints
+    def _payload(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(),
+            "config_hash": self.cfg.hash(),
+            "spec": self.spec.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"type": "poly", "epoch": self.state.epoch, "power": self.cfg.train.poly_power},
+            "objective": self.objective.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "epoch": self.state.epoch,
+            "iteration": self.state.iteration,
+            "step": self.state.step,
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self, name: str) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_dir / name, self._payload())
+
+    def _resume(self) -> None:
+        ckpt = load_checkpoint(self.ckpt_dir / "last.pt", map_location=self.device)
+        saved = ckpt["config"]
+        now = self.cfg.to_dict()
+        for key in _IDENTITY_KEYS:
+            if saved.get(key) != now.get(key):
+                diff = [k for k in set(saved.get(key, {})) | set(now.get(key, {}))
+                        if saved.get(key, {}).get(k) != now.get(key, {}).get(k)]
+                raise PassionError(
+                    f"checkpoint {self.ckpt_dir / 'last.pt'} was made with a different {key} config "
+                    f"({', '.join(f'{key}.{k}' for k in sorted(diff))}); refusing to resume")
+        if ckpt.get("world_size", 1) != self.dist.world_size:
+            raise PassionError(f"checkpoint was written by {ckpt.get('world_size')} process(es), "
+                               f"this run has {self.dist.world_size}; resume with the same number")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.objective.load_state_dict(ckpt["objective"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        self.state = TrainState(epoch=ckpt["epoch"], iteration=ckpt["iteration"], step=ckpt["step"])
+        if self.dist.is_main:
+            self._truncate_metrics()
+            log.info("resumed from epoch %d iteration %d", self.state.epoch, self.state.iteration)
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines written after the checkpoint, so a resumed log equals an uninterrupted one."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if rec.get("type") == "iter" and rec["step"] <= self.state.step:
+                keep.append(line)
+            elif rec.get("type") == "epoch" and rec["epoch"] < self.state.epoch:
+                keep.append(line)
+        atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+    # ----------------------------------------------------------------- logging
+    def _open_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("train.tensorboard is on but tensorboard is not installed (pip install 'passion-seg[tensorboard]')")
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _write_metrics(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            tag = record["type"]
+            x = record["step"] if tag == "iter" else record["epoch"]
+            for key, value in record.items():
+                if key in ("type", "epoch", "iteration", "step"):
+                    continue
+                if isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{tag}/{key}", value, x)
+                elif isinstance(value, dict):
+                    for sub, v in value.items():
+                        if isinstance(v, (int, float)):
+                            self._tb.add_scalar(f"{tag}/{key}/{sub}", v, x)
+
+    # ----------------------------------------------------------------- loop
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """Case indices this rank visits in `epoch`: a seeded permutation, sharded by rank."""
+        n = len(self.train_cases)
+        g = np.random.default_rng([self.cfg.train.seed, epoch])
+        per_rank = self.iters_per_epoch * self.cfg.train.batch_size
+        total = per_rank * self.dist.world_size
+        order = np.concatenate([g.permutation(n) for _ in range(math.ceil(total / n))])[:total]
+        return order[self.dist.rank::self.dist.world_size].tolist()
+
+    def _batches(self, epoch: int, start_iter: int):
+        from torch.utils.data import DataLoader, Subset
+
+        bs = self.cfg.train.batch_size
+        order = self._epoch_order(epoch)[start_iter * bs:]
+        self.dataset.set_epoch(epoch)
+        loader = DataLoader(
+            Subset(self.dataset, order), batch_size=bs, shuffle=False, drop_last=False,
+            num_workers=self.cfg.data.workers, persistent_workers=False,
+            pin_memory=self.device.type == "cuda")
+        yield from loader
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def train(self) -> Path:
+        cfg, t = self.cfg, self.cfg.train
+        total_steps = t.epochs * self.iters_per_epoch
+        bar = progress(total=total_steps, desc="train", disable=not self.dist.is_main)
+        bar.update(self.state.step)
+        self.step_module.train()
+        with bar:
+            while self.state.epoch < t.epochs:
+                epoch = self.state.epoch
+                lr = poly_lr(t.lr, epoch, t.epochs, t.poly_power)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                if self.state.iteration == 0:
+                    self.objective.start_epoch(epoch)
+                for batch in self._batches(epoch, self.state.iteration):
+                    record = self._train_step(batch, epoch, lr)
+                    bar.update(1, status=f"epoch {epoch + 1}/{t.epochs} loss {record['loss']:.4f}")
+                    if t.checkpoint_every_iters and self.state.step % t.checkpoint_every_iters == 0 \
+                            and self.state.iteration < self.iters_per_epoch:
+                        self.save("last.pt")
+                self._end_epoch(epoch, lr)
+        if self._tb is not None:
+            self._tb.close()
+        self.dist.barrier()
+        return self.run_dir
+
+    def _train_step(self, batch: dict, epoch: int, lr: float) -> dict:
+        t = self.cfg.train
+        started = time.perf_counter()
+        batch = self._to_device(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast_context(t.precision, self.device):
+            loss, stats = self.step_module(batch, epoch)
+        if not torch.isfinite(loss):
+            raise PassionError(f"loss became {loss.item()} at epoch {epoch} iteration {self.state.iteration}; "
+                               f"try train.precision=fp32 or a lower train.lr")
+        self.scaler.scale(loss).backward()
+        if t.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.state.iteration += 1
+        self.state.step += 1
+        elapsed = time.perf_counter() - started
+        record = {"type": "iter", "epoch": epoch, "iteration": self.state.iteration, "step": self.state.step,
+                  "loss": float(loss.detach()), "lr": lr, "seconds": elapsed,
+                  "samples_per_s": batch["image"].shape[0] * self.dist.world_size / max(elapsed, 1e-9)}
+        record.update(stats)
+        if self.state.step % max(1, t.log_every) == 0 or self.state.iteration == self.iters_per_epoch:
+            self._write_metrics(record)
+        return record
+
+    def _end_epoch(self, epoch: int, lr: float) -> None:
+        stats = self.objective.end_epoch(epoch) or {}
+        record = {"type": "epoch", "epoch": epoch, "step": self.state.step, "lr": lr}
+        record.update(stats)
+        record.update(self._epoch_loss_means(epoch))
+        self._write_metrics(record)
+        self.state.epoch += 1
+        self.state.iteration = 0
+        self.save("last.pt")
+        if (epoch + 1) in set(self.cfg.train.save_epochs):
+            self.save(f"epoch_{epoch + 1:04d}.pt")
+        log.info("epoch %d done: %s", epoch, {k: v for k, v in record.items() if not isinstance(v, dict)})
+
+    def _epoch_loss_means(self, epoch: int) -> dict:
+        """Mean of the scalar per-iteration values of this epoch, read back from metrics.jsonl."""
+        if not self.dist.is_main:
+            return {}
+        sums: dict[str, float] = {}
+        count = 0
+        for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("type") != "iter" or rec["epoch"] != epoch:
+                continue
+            count += 1
+            for k, v in rec.items():
+                if k.startswith("loss") and isinstance(v, (int, float)):
+                    sums[k] = sums.get(k, 0.0) + v
+        return {f"mean_{k}": v / count for k, v in sums.items()} if count else {}
+
+    def close(self) -> None:
+        shutdown(self.dist)
+
+
+def _setup_logging(run_dir: Path, is_main: bool) -> None:
+    if not is_main:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
+    """Train a model as `cfg` says; returns the run directory. The Python API under `passion train`."""
+    trainer = Trainer(cfg, resume=resume, force=force)
+    try:
+        _setup_logging(trainer.run_dir, trainer.dist.is_main)
+        return trainer.train()
+    finally:
+        trainer.close()
