@@ -1,0 +1,294 @@
+"""`passion report`: one markdown report comparing several runs, with the figures it embeds.
+
+Reads only what runs leave on disk (config.yaml, metrics.jsonl, eval/<split>/results.json,
+the split's split.json), so it works on any finished runs, also from other machines.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from ..utils import PassionError, atomic_write_text  # noqa: E402
+
+REGIONS = ("WT", "TC", "ET")
+
+
+class RunRecord:
+    """What the report needs of one run directory."""
+
+    def __init__(self, run_dir: Path, split: str = "test"):
+        self.dir = Path(run_dir)
+        cfg_path = self.dir / "config.yaml"
+        res_path = self.dir / "eval" / split / "results.json"
+        if not cfg_path.is_file():
+            raise PassionError(f"{self.dir}: no config.yaml; is this a run directory made by `passion train`?")
+        if not res_path.is_file():
+            raise PassionError(f"{self.dir}: no evaluation on split {split!r}; run `passion evaluate {self.dir}` first")
+        self.config = yaml.safe_load(cfg_path.read_text())
+        self.results = json.loads(res_path.read_text())
+        self.metrics = _read_jsonl(self.dir / "metrics.jsonl")
+        self.label = self._label()
+
+    def _label(self) -> str:
+        return f"{self.config['model']['name']}+{self.config['objective']['name']}"
+
+    def subset_names(self) -> list[str]:
+        return ["+".join(s["modalities"]) for s in self.results["subsets"]]
+
+    def table(self, kind: str) -> np.ndarray:
+        """[subsets, regions] array of dice or hd95."""
+        return np.array([[s[kind][r] for r in REGIONS] for s in self.results["subsets"]], dtype=float)
+
+    def mean(self, kind: str) -> np.ndarray:
+        return np.array([self.results["mean"][kind][r] for r in REGIONS], dtype=float)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _unique_labels(runs: list[RunRecord]) -> None:
+    seen: dict[str, int] = {}
+    for r in runs:
+        if r.label in seen or any(o.label == r.label for o in runs if o is not r):
+            seen[r.label] = seen.get(r.label, 0) + 1
+            r.label = f"{r.label} ({r.dir.name})"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _fmt(v: float, bold: bool) -> str:
+    s = f"{v:.2f}" if abs(v) >= 10 else f"{v:.4f}"
+    return f"**{s}**" if bold else s
+
+
+def _comparison_table(runs: list[RunRecord], kind: str) -> str:
+    """Rows = subsets (+ mean), columns = region x run, best per row and region in bold."""
+    better = np.argmax if kind == "dice" else np.argmin
+    names = runs[0].subset_names()
+    tables = np.stack([r.table(kind) for r in runs])  # [runs, subsets, regions]
+    means = np.stack([r.mean(kind) for r in runs])
+    head = ["subset"] + [f"{reg} {r.label}" for reg in REGIONS for r in runs]
+    if len(runs) > 1:
+        head += [f"Δ{reg} {r.label}" for reg in REGIONS for r in runs[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [(n, tables[:, i, :]) for i, n in enumerate(names)] + [("**mean**", means)]
+    for name, vals in rows:
+        cells = [name]
+        for j, _ in enumerate(REGIONS):
+            best = better(vals[:, j])
+            cells += [_fmt(vals[k, j], k == best and len(runs) > 1) for k in range(len(runs))]
+        if len(runs) > 1:
+            for j, _ in enumerate(REGIONS):
+                cells += [f"{vals[k, j] - vals[0, j]:+.4f}" if kind == "dice" else f"{vals[k, j] - vals[0, j]:+.2f}"
+                          for k in range(1, len(runs))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _delta_heatmap(runs: list[RunRecord], path: Path) -> None:
+    names = runs[0].subset_names()
+    base = runs[0].table("dice")
+    others = runs[1:]
+    fig, axes = plt.subplots(1, len(others), figsize=(3.2 * len(others) + 1.5, 0.38 * len(names) + 1.8),
+                             squeeze=False)
+    lim = max(0.05, max(float(np.abs(r.table("dice") - base).max()) for r in others))
+    for ax, r in zip(axes[0], others):
+        delta = r.table("dice") - base
+        im = ax.imshow(delta, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_xticks(range(len(REGIONS)), REGIONS)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        for i in range(delta.shape[0]):
+            for j in range(delta.shape[1]):
+                ax.text(j, i, f"{delta[i, j]:+.3f}", ha="center", va="center", fontsize=7)
+        ax.set_title(f"Dice: {r.label}\nminus {runs[0].label}", fontsize=9)
+        ax.set_xlabel("region")
+    fig.colorbar(im, ax=axes[0].tolist(), label="Δ Dice")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _per_modality_series(records: list[dict], key: str) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for rec in records:
+        value = rec.get(key)
+        if isinstance(value, dict):
+            x = rec.get("step", rec.get("epoch"))
+            for mod, v in value.items():
+                if isinstance(v, (int, float)):
+                    series.setdefault(mod, []).append((x, float(v)))
+    return series
+
+
+def _smooth(y: np.ndarray, n: int) -> np.ndarray:
+    if len(y) < 3 or n <= 1:
+        return y
+    n = min(n, len(y))
+    return np.convolve(y, np.ones(n) / n, mode="valid")
+
+
+def _training_curves(runs: list[RunRecord], path: Path) -> list[str]:
+    """Total loss per run and per-modality single-modality losses; returns per-modality keys found."""
+    iters = {r.label: [m for m in r.metrics if m.get("type") == "iter"] for r in runs}
+    mod_keys = sorted({k for recs in iters.values() for rec in recs for k, v in rec.items()
+                       if isinstance(v, dict) and k.startswith("loss")})
+    ncols = 1 + len(mod_keys)
+    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 3.6), squeeze=False)
+    ax = axes[0][0]
+    for r in runs:
+        recs = iters[r.label]
+        if not recs:
+            continue
+        x = np.array([m["step"] for m in recs])
+        y = np.array([m["loss"] for m in recs])
+        k = max(1, len(y) // 50)
+        ax.plot(x[len(x) - len(_smooth(y, k)):], _smooth(y, k), label=r.label)
+    ax.set_title("total training loss (moving average)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    for ax, key in zip(axes[0][1:], mod_keys):
+        for r in runs:
+            for mod, pts in _per_modality_series(iters[r.label], key).items():
+                x, y = np.array(pts).T
+                k = max(1, len(y) // 50)
+                ax.plot(x[len(x) - len(_smooth(y, k)):], _smooth(y, k), label=f"{r.label} {mod}")
+        ax.set_title(f"{key} per modality")
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return mod_keys
+
+
+def _preference_curves(runs: list[RunRecord], path: Path) -> bool:
+    """Per-modality beta and relative preference per epoch, for runs that log them (PASSION)."""
+    runs = [r for r in runs if any(isinstance(m.get("beta"), dict) for m in r.metrics)]
+    if not runs:
+        return False
+    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.4 * len(runs)), squeeze=False)
+    for row, r in zip(axes, runs):
+        epochs = [m for m in r.metrics if m.get("type") == "epoch"]
+        for ax, key, title in ((row[0], "beta", "task-wise weight β"),
+                               (row[1], "relative_preference", "relative preference (epoch)")):
+            for mod, pts in _per_modality_series([{**m, "step": m["epoch"]} for m in epochs], key).items():
+                x, y = np.array(pts).T
+                ax.plot(x + 1, y, marker="o", ms=3, label=mod)
+            ax.set_title(f"{r.label}: {title}")
+            ax.set_xlabel("epoch")
+            ax.legend(fontsize=8)
+            if key == "relative_preference":
+                ax.axhline(0, color="grey", lw=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _split_section(runs: list[RunRecord]) -> str:
+    seen, lines = set(), []
+    for r in runs:
+        split_dir = Path(r.config["data"]["split"])
+        summary = split_dir / "split.json"
+        if str(split_dir) in seen or not summary.is_file():
+            continue
+        seen.add(str(split_dir))
+        info = json.loads(summary.read_text())
+        desc = info.get("train", info)
+        rates = desc.get("missing_rate", {})
+        nominal = desc.get("nominal_missing_rate") or info.get("nominal_missing_rate") or {}
+        lines.append(f"Split `{split_dir}` ({desc.get('cases', '?')} training cases, "
+                     f"{desc.get('complete_cases', '?')} complete):\n")
+        lines.append("| modality | nominal missing % | realised missing % |\n|---|---|---|")
+        for mod, v in rates.items():
+            nom = nominal.get(mod)
+            lines.append(f"| {mod} | {'' if nom is None else f'{100 * nom:.1f}'} | {100 * v:.1f} |")
+        lines.append("")
+    return "\n".join(lines) if lines else "_No split.json found for these runs._"
+
+
+def _config_diff(runs: list[RunRecord]) -> str:
+    flat = [_flatten(r.config) for r in runs]
+    keys = sorted({k for f in flat for k in f if k != "run_dir"})
+    differing = [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+    if not differing:
+        return "_The runs share the same configuration apart from their run directory._"
+    head = "| key | " + " | ".join(r.label for r in runs) + " |"
+    lines = [head, "|" + "---|" * (len(runs) + 1)]
+    for k in differing:
+        lines.append(f"| `{k}` | " + " | ".join(f"`{f.get(k)}`" for f in flat) + " |")
+    return "\n".join(lines)
+
+
+def write_comparison_report(run_dirs: list[str | Path], out_dir: str | Path, split: str = "test") -> Path:
+    """Write OUT/report.md and its PNGs comparing the runs; the first run is the reference for deltas."""
+    if not run_dirs:
+        raise PassionError("give at least one run directory")
+    runs = [RunRecord(Path(d), split) for d in run_dirs]
+    _unique_labels(runs)
+    names = runs[0].subset_names()
+    for r in runs[1:]:
+        if r.subset_names() != names:
+            raise PassionError(f"{r.dir} was evaluated on different subsets than {runs[0].dir}; re-evaluate both "
+                               f"with the same --subsets")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    conv = runs[0].results.get("conventions", {})
+    parts = [f"# PASSION comparison report\n",
+             f"Runs (first = reference for Δ): " + ", ".join(f"`{r.label}` ({r.dir})" for r in runs) + "\n",
+             f"Evaluated on split `{split}`, {runs[0].results.get('cases', '?')} cases, {len(names)} modality subsets. "
+             f"Conventions: {json.dumps(conv)}\n",
+             "## Mean over subsets\n", _mean_table(runs), "",
+             "## Dice per subset (higher is better, best in bold)\n", _comparison_table(runs, "dice"), "",
+             "## HD95 per subset in mm (lower is better, best in bold)\n", _comparison_table(runs, "hd95"), ""]
+    if len(runs) > 1:
+        _delta_heatmap(runs, out / "delta_dice.png")
+        parts += ["## Dice difference to the reference run\n", "![delta heatmap](delta_dice.png)\n"]
+    _training_curves(runs, out / "training_curves.png")
+    parts += ["## Training curves\n", "![training curves](training_curves.png)\n"]
+    if _preference_curves(runs, out / "preference.png"):
+        parts += ["## PASSION: task-wise weights and relative preference per modality\n",
+                  "![beta and relative preference](preference.png)\n"]
+    parts += ["## Training split: realised missing rates\n", _split_section(runs), "",
+              "## Configuration differences\n", _config_diff(runs), ""]
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(parts))
+    return report
+
+
+def _mean_table(runs: list[RunRecord]) -> str:
+    head = ["run"] + [f"Dice {r}" for r in REGIONS] + [f"HD95 {r}" for r in REGIONS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    dice = np.stack([r.mean("dice") for r in runs])
+    hd = np.stack([r.mean("hd95") for r in runs])
+    for k, r in enumerate(runs):
+        cells = [r.label]
+        cells += [_fmt(dice[k, j], len(runs) > 1 and k == int(np.argmax(dice[:, j]))) for j in range(len(REGIONS))]
+        cells += [_fmt(hd[k, j], len(runs) > 1 and k == int(np.argmin(hd[:, j]))) for j in range(len(REGIONS))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
