@@ -5,7 +5,8 @@ Every backbone of the paper uses Conv + InstanceNorm + LeakyReLU(0.2) with refle
 """
 from __future__ import annotations
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def conv_cls(dims: int):
@@ -17,20 +18,44 @@ def norm_cls(dims: int):
 
 
 class ConvNormAct(nn.Module):
-    """conv(k, stride, reflect pad) -> InstanceNorm(affine) -> LeakyReLU(0.2)."""
+    """conv(k, stride, reflect pad) -> InstanceNorm -> LeakyReLU(0.2).
+
+    ``affine=False`` gives the parameter-free InstanceNorm that the reference code's
+    ``normalization(.., 'in')`` builds (RFNet, mmFormer, M2FTrans all use it); the default
+    stays affine for backwards compatibility.
+    """
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, padding: int | None = None,
                  dims: int = 3, pad_mode: str = "reflect", norm: bool = True, act: bool = True,
-                 bias: bool = True, slope: float = 0.2):
+                 bias: bool = True, slope: float = 0.2, affine: bool = True):
         super().__init__()
         padding = (kernel // 2) if padding is None else padding
         self.conv = conv_cls(dims)(in_ch, out_ch, kernel, stride=stride, padding=padding,
                                    padding_mode=pad_mode if padding else "zeros", bias=bias)
-        self.norm = norm_cls(dims)(out_ch, affine=True) if norm else nn.Identity()
+        self.norm = norm_cls(dims)(out_ch, affine=affine) if norm else nn.Identity()
         self.act = nn.LeakyReLU(slope, inplace=True) if act else nn.Identity()
 
     def forward(self, x):
         return self.act(self.norm(self.conv(x)))
+
+
+def interp_mode(dims: int) -> str:
+    """Linear interpolation mode for `dims` spatial dimensions (bilinear / trilinear)."""
+    return {2: "bilinear", 3: "trilinear"}[dims]
+
+
+def upsample_to(x: Tensor, size, align_corners: bool = True) -> Tensor:
+    """(Bi/tri)linear resize of x [B, C, *spatial] to `size` (a shape tuple or a reference tensor).
+
+    With align_corners=True this equals the references' ``nn.Upsample(scale_factor=2,
+    align_corners=True)`` whenever the size is exactly double, and still works for odd sizes.
+    """
+    if isinstance(size, Tensor):
+        size = size.shape[2:]
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode=interp_mode(x.dim() - 2), align_corners=align_corners)
 
 
 def kaiming_init(module: nn.Module) -> None:

@@ -1,0 +1,340 @@
+"""RFNet (Ding et al., ICCV 2021) as configured by the PASSION reference code.
+
+Architecture (base width b, M modalities, C classes, R = C regions):
+
+- One encoder per modality, 4 scales with b, 2b, 4b, 8b channels; every scale is a
+  (strided at scales 2-4) 3^3 conv followed by a residual pair of 3^3 convs.
+- Fusion decoder: at every scale l (coarsest first) a region-prior generator (PRM)
+  predicts region logits from the masked modality features (and, below the bottleneck,
+  the decoder feature coming from the coarser scale); its softmax, *detached*, splits
+  every modality feature into R regions; inside each region the modalities are weighted
+  by a small MLP on region-pooled features and summed (region-aware fusion, RFM); the
+  regions are merged by convs and concatenated with a plain shortcut fusion of the
+  modalities. A U-Net decoder climbs the scales and a 1^3 conv gives the class logits.
+- A separate, modality-shared U-Net decoder segments every modality on its own.
+
+All convs are Conv + InstanceNorm (no affine, as the reference's ``normalization('in')``)
++ LeakyReLU(0.2) with reflect padding, Kaiming-normal weights. At the default
+configuration (M = 4, C = 4, b = 8) the model has exactly 2,381,792 parameters, the
+count of the reference ``Model``.
+
+Mapping onto the backbone contract (see interface.py):
+
+- ``encode``: the reference skips an encoder when ``mask[0, m]`` (the mask of the FIRST
+  sample) is off and substitutes zeros for the whole batch. Here every encoder runs only
+  on the samples that have its modality and the others get zero features, so masks may
+  differ per sample. (In the reference 'pdt' mode the encoders see all four images; a
+  caller reproduces that by passing the full availability mask to ``encode`` and the
+  drawn subset to ``fuse``.)
+- ``fuse``: the reference's PRM and RFM already zero features per sample (``y[mask] =
+  x[mask]`` with a [B, M] mask); we do the same by multiplying with the per-sample mask, so
+  a batch of repeated features with different one-hot masks is one call. Its one-hot
+  PASSION passes used a [1, M] mask and therefore only worked for batch 1.
+- ``aux_logits``: the region-prior logits of the PASSION variant ("prm_generator_pk",
+  no softmax inside), finest first [z^1 (full), z^2 (1/2), z^3 (1/4), z^4 (1/8)], at their
+  native resolution; the objective applies softmax then upsamples. The RFMs use
+  ``softmax(prm_logits).detach()`` exactly as the reference.
+- ``decoder_features``: one feature per scale, finest first; index 0 is the output of the
+  last decoder block before the 1^3 classifier (the reference's ``de_x1``, the only one
+  PASSION uses); then the outputs of the 1/2 and 1/4 decoder blocks and the fused 1/8
+  bottleneck feature. (The reference's tuple holds intermediate post-upsampling tensors
+  instead; nothing consumes them.)
+- ``decode_single``: the shared separate decoder, returning LOGITS (the reference returns
+  its softmax); only available (sample, modality) pairs are decoded, the rest are zeros.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import register_model
+from .blocks import ConvNormAct, conv_cls, kaiming_init, upsample_to
+from .interface import Backbone, Features, FusedOutput
+
+NUM_SCALES = 4
+
+
+def _cna(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3) -> ConvNormAct:
+    """The reference's ``general_conv3d``: conv (reflect pad) + non-affine IN + LeakyReLU(0.2)."""
+    return ConvNormAct(in_ch, out_ch, kernel=kernel, stride=stride, dims=dims, affine=False)
+
+
+class _EncoderStage(nn.Module):
+    """Entry conv (strided except at scale 1) + residual pair of convs."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, dims: int):
+        super().__init__()
+        self.entry = _cna(in_ch, out_ch, 3, stride, dims)
+        self.res = nn.Sequential(_cna(out_ch, out_ch, dims=dims), _cna(out_ch, out_ch, dims=dims))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.entry(x)
+        return x + self.res(x)
+
+
+class RFNetEncoder(nn.Module):
+    """Single-modality encoder: [N, 1, *S] -> 4 scales with w, 2w, 4w, 8w channels."""
+
+    def __init__(self, width: int, dims: int):
+        super().__init__()
+        chans = [width * 2 ** i for i in range(NUM_SCALES)]
+        ins = [1] + chans[:-1]
+        self.stages = nn.ModuleList(
+            _EncoderStage(i, o, 1 if k == 0 else 2, dims) for k, (i, o) in enumerate(zip(ins, chans)))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        out = []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        return out
+
+
+class _UpBlock(nn.Module):
+    """One decoder level: upsample + conv (halve channels), concat a skip, conv, 1^3 conv."""
+
+    def __init__(self, in_ch: int, dims: int):
+        super().__init__()
+        out_ch = in_ch // 2
+        self.up_conv = _cna(in_ch, out_ch, dims=dims)         # reference d{l}_c1
+        self.merge = _cna(2 * out_ch, out_ch, dims=dims)      # reference d{l}_c2
+        self.out = _cna(out_ch, out_ch, kernel=1, dims=dims)  # reference d{l}_out
+
+    def up(self, x: Tensor, like: Tensor) -> Tensor:
+        return self.up_conv(upsample_to(x, like))
+
+    def combine(self, first: Tensor, second: Tensor) -> Tensor:
+        return self.out(self.merge(torch.cat((first, second), dim=1)))
+
+
+class SeparateDecoder(nn.Module):
+    """The modality-shared decoder (reference ``Decoder_sep``), returning logits."""
+
+    def __init__(self, width: int, num_classes: int, dims: int):
+        super().__init__()
+        # blocks[0] goes 8w -> 4w (reference d3), blocks[2] goes 2w -> w (reference d1)
+        self.blocks = nn.ModuleList(_UpBlock(width * 2 ** k, dims) for k in (3, 2, 1))
+        self.seg = conv_cls(dims)(width, num_classes, 1)
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        x = feats[-1]
+        for block, skip in zip(self.blocks, reversed(feats[:-1])):
+            x = block.combine(block.up(x, skip), skip)  # reference order: cat(decoder, skip)
+        return self.seg(x)
+
+
+class RegionPriorGenerator(nn.Module):
+    """Region-prior (PRM) head: region logits from the masked modality features.
+
+    The reference ``prm_generator_pk`` / ``prm_generator_laststage_pk`` (PASSION variant,
+    logits out). At the bottleneck (``last_stage``) it sees only the modality features; at
+    finer scales it also sees the decoder feature from the coarser scale.
+    """
+
+    def __init__(self, channels: int, num_modalities: int, num_classes: int, dims: int,
+                 last_stage: bool, hidden: int = 16):
+        super().__init__()
+        self.last_stage = last_stage
+        self.embed = nn.Sequential(
+            _cna(num_modalities * channels, channels // 4, kernel=1, dims=dims),
+            _cna(channels // 4, channels // 4, dims=dims),
+            _cna(channels // 4, channels, kernel=1, dims=dims))
+        self.head = nn.Sequential(
+            _cna(channels * (1 if last_stage else 2), hidden, kernel=1, dims=dims),
+            conv_cls(dims)(hidden, num_classes, 1))
+
+    def forward(self, modal_flat: Tensor, decoder_feat: Tensor | None) -> Tensor:
+        emb = self.embed(modal_flat)
+        if not self.last_stage:
+            emb = torch.cat((decoder_feat, emb), dim=1)
+        return self.head(emb)
+
+
+class RegionAwareFusion(nn.Module):
+    """Region-aware modality fusion (reference ``region_aware_modal_fusion``).
+
+    For region r with prior p_r (a softmax probability map) every modality feature is
+    masked as y_k * p_r; a per-region MLP maps [region-pooled features of all modalities,
+    mean(p_r)] to one sigmoid weight per modality; the region feature is the weighted sum
+    over modalities. Regions are merged by convs and concatenated with a shortcut that fuses
+    the raw (masked) modality features. Output channels = input channels.
+    The region-pooled feature is mean(y_k * p_r) / (mean(p_r) + 1e-7), as the reference.
+    It is computed with one contraction instead of materialising [B, M, R, C, *S].
+    """
+
+    def __init__(self, channels: int, num_modalities: int, num_regions: int, dims: int, hidden: int = 128):
+        super().__init__()
+        conv = conv_cls(dims)
+        self.dims = dims
+        self.weight_mlps = nn.ModuleList(
+            nn.Sequential(conv(num_modalities * channels + 1, hidden, 1), nn.LeakyReLU(0.2, inplace=True),
+                          conv(hidden, num_modalities, 1))
+            for _ in range(num_regions))
+        self.region_merge = nn.Sequential(
+            _cna(num_regions * channels, channels, kernel=1, dims=dims),
+            _cna(channels, channels, dims=dims),
+            _cna(channels, channels // 2, kernel=1, dims=dims))
+        self.shortcut = nn.Sequential(
+            _cna(num_modalities * channels, channels, kernel=1, dims=dims),
+            _cna(channels, channels, dims=dims),
+            _cna(channels, channels // 2, kernel=1, dims=dims))
+
+    def forward(self, y: Tensor, prior: Tensor) -> Tensor:
+        """y: masked features [B, M, C, *S]; prior: region probabilities [B, R, *S] (detached)."""
+        b, m, c = y.shape[:3]
+        spatial = y.shape[3:]
+        r = prior.shape[1]
+        yf = y.reshape(b, m, c, -1)
+        pf = prior.reshape(b, r, -1).to(yf.dtype)
+        n = yf.shape[-1]
+        prior_mean = pf.mean(dim=-1) + 1e-7                               # [B, R]
+        pooled = torch.einsum("bmcn,brn->brmc", yf, pf) / n               # mean(y_k * p_r)
+        pooled = pooled / prior_mean[:, :, None, None]
+        unit = (1,) * self.dims
+        region_feats = []
+        for i, mlp in enumerate(self.weight_mlps):
+            vec = torch.cat((pooled[:, i].reshape(b, m * c), prior_mean[:, i:i + 1]), dim=1)
+            weight = torch.sigmoid(mlp(vec.reshape(b, m * c + 1, *unit)).reshape(b, m))
+            fused = torch.einsum("bm,bmcn->bcn", weight.to(yf.dtype), yf) * pf[:, i:i + 1]
+            region_feats.append(fused)
+        regions = torch.stack(region_feats, dim=1).reshape(b, r * c, *spatial)
+        flat = y.reshape(b, m * c, *spatial)
+        return torch.cat((self.region_merge(regions), self.shortcut(flat)), dim=1)
+
+
+class FusionDecoder(nn.Module):
+    """The fusion decoder (reference ``Decoder_fuse``), generic in M, C and width."""
+
+    def __init__(self, width: int, num_modalities: int, num_classes: int, dims: int):
+        super().__init__()
+        chans = [width * 2 ** i for i in range(NUM_SCALES)]  # finest first
+        self.prm = nn.ModuleList(
+            RegionPriorGenerator(ch, num_modalities, num_classes, dims, last_stage=(i == NUM_SCALES - 1))
+            for i, ch in enumerate(chans))
+        self.rfm = nn.ModuleList(RegionAwareFusion(ch, num_modalities, num_classes, dims) for ch in chans)
+        # blocks[i] lifts scale i+1 (channels chans[i+1]) to scale i (channels chans[i])
+        self.blocks = nn.ModuleList(_UpBlock(chans[i + 1], dims) for i in range(NUM_SCALES - 1))
+        self.seg = conv_cls(dims)(width, num_classes, 1)
+
+    def forward(self, feats: list[Tensor]) -> FusedOutput:
+        """feats: masked per-modality features [B, M, C_l, *S_l], finest first."""
+        priors: list[Tensor] = [None] * NUM_SCALES
+        dec_feats: list[Tensor] = [None] * NUM_SCALES
+        top = NUM_SCALES - 1
+        y = feats[top]
+        flat = y.flatten(1, 2)
+        priors[top] = self.prm[top](flat, None)
+        x = self.rfm[top](y, torch.softmax(priors[top], dim=1).detach())
+        dec_feats[top] = x
+        for level in range(top - 1, -1, -1):
+            y = feats[level]
+            block = self.blocks[level]
+            up = block.up(x, y[:, 0])
+            priors[level] = self.prm[level](y.flatten(1, 2), up)
+            fused = self.rfm[level](y, torch.softmax(priors[level], dim=1).detach())
+            x = block.combine(fused, up)  # reference order: cat(RFM output, decoder feature)
+            dec_feats[level] = x
+        return FusedOutput(logits=self.seg(x), aux_logits=priors, decoder_features=dec_feats)
+
+
+def _as_tuple(value, dims: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * dims
+    value = tuple(int(v) for v in value)
+    if len(value) != dims:
+        raise ValueError(f"rfnet: {name} {value} has {len(value)} entries but spatial_dims is {dims}")
+    return value
+
+
+@register_model("rfnet")
+class RFNet(Backbone):
+    """RFNet backbone (see module docstring for the mapping onto the contract)."""
+
+    def __init__(self, num_modalities: int = 4, num_classes: int = 4, base_width: int = 8,
+                 patch_size=(80, 80, 80), spatial_dims: int = 3):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"rfnet: spatial_dims must be 2 or 3, got {spatial_dims}")
+        if num_modalities < 1 or num_classes < 2:
+            raise ValueError(f"rfnet: need num_modalities >= 1 and num_classes >= 2, "
+                             f"got {num_modalities} and {num_classes}")
+        if base_width < 4 or base_width % 2:
+            raise ValueError(f"rfnet: base_width must be even and >= 4 (region fusion halves and "
+                             f"quarters it), got {base_width}")
+        self.patch_size = _as_tuple(patch_size, spatial_dims, "patch_size")
+        self._check_spatial(self.patch_size, "patch_size")
+        self.num_modalities = num_modalities
+        self.num_classes = num_classes
+        self.spatial_dims = spatial_dims
+        self.base_width = base_width
+        self.encoders = nn.ModuleList(RFNetEncoder(base_width, spatial_dims) for _ in range(num_modalities))
+        self.decoder_fuse = FusionDecoder(base_width, num_modalities, num_classes, spatial_dims)
+        self.decoder_sep = SeparateDecoder(base_width, num_classes, spatial_dims)
+        kaiming_init(self)
+
+    @staticmethod
+    def _check_spatial(size, what: str) -> None:
+        factor = 2 ** (NUM_SCALES - 1)
+        if any(s % factor or s < 2 * factor for s in size):
+            raise ValueError(f"rfnet: {what} {tuple(size)} must be multiples of {factor} and >= {2 * factor} "
+                             f"(4 scales, reflect padding at the coarsest)")
+
+    def modality_parameters(self, m: int):
+        """Parameters that belong to modality m only (its encoder)."""
+        return self.encoders[m].parameters()
+
+    def _check_mask(self, mask: Tensor, batch: int) -> Tensor:
+        if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] != self.num_modalities:
+            raise ValueError(f"rfnet: mask must be [B={batch}, M={self.num_modalities}], got {list(mask.shape)}")
+        return mask.to(dtype=torch.bool)
+
+    def encode(self, x: Tensor, mask: Tensor) -> Features:
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.num_modalities:
+            raise ValueError(f"rfnet: images must be [B, M={self.num_modalities}, *spatial] with "
+                             f"{self.spatial_dims} spatial dims, got {list(x.shape)}")
+        self._check_spatial(x.shape[2:], "input size")
+        mask = self._check_mask(mask, x.shape[0]).to(x.device)
+        x = self.zero_unavailable(x, mask)
+        batch = x.shape[0]
+        per_modality: list[list[Tensor] | None] = []
+        for m, encoder in enumerate(self.encoders):
+            idx = mask[:, m].nonzero().squeeze(1)
+            if idx.numel() == batch:
+                per_modality.append(encoder(x[:, m:m + 1]))
+            elif idx.numel() == 0:
+                per_modality.append(None)
+            else:
+                feats = encoder(x[idx, m:m + 1])
+                per_modality.append([f.new_zeros((batch,) + f.shape[1:]).index_copy(0, idx, f) for f in feats])
+        ref = next((f for f in per_modality if f is not None), None)
+        scales = []
+        for level in range(NUM_SCALES):
+            if ref is None:
+                size = [s // 2 ** level for s in x.shape[2:]]
+                like = x.new_zeros((batch, self.base_width * 2 ** level, *size))
+            else:
+                like = ref[level]
+            scales.append(torch.stack([f[level] if f is not None else torch.zeros_like(like)
+                                       for f in per_modality], dim=1))
+        return Features(scales)
+
+    def fuse(self, features: Features, mask: Tensor) -> FusedOutput:
+        mask = self._check_mask(mask, features.batch_size).to(features.scales[0].device)
+        feats = [self.zero_unavailable(f, mask) for f in features.scales]
+        return self.decoder_fuse(feats)
+
+    def decode_single(self, features: Features, mask: Tensor | None = None) -> Tensor:
+        scales = features.scales
+        b, m = scales[0].shape[:2]
+        if mask is not None:
+            mask = self._check_mask(mask, b).to(scales[0].device)
+        if mask is None or bool(mask.all()):
+            logits = self.decoder_sep([f.flatten(0, 1) for f in scales])
+            return logits.reshape(b, m, *logits.shape[1:])
+        idx = mask.reshape(-1).nonzero().squeeze(1)
+        spatial = scales[0].shape[3:]
+        if idx.numel() == 0:
+            return scales[0].new_zeros((b, m, self.num_classes, *spatial))
+        logits = self.decoder_sep([f.flatten(0, 1).index_select(0, idx) for f in scales])
+        out = logits.new_zeros((b * m,) + logits.shape[1:]).index_copy(0, idx, logits)
+        return out.reshape(b, m, *logits.shape[1:])
