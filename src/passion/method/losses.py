@@ -1,0 +1,162 @@
+"""Per-sample losses of METHOD.md sections 4 and 5.
+
+Every loss returns one value per sample ([B]) so that objectives can weight samples by
+their modality availability. Inputs may come from autocast regions; everything is computed
+in fp32 because clamps at 0.005 and eps 1e-7 are meaningless in half precision.
+Targets are integer class maps [B, *spatial]; they are turned into one-hot maps here.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PROB_CLAMP = 0.005
+DICE_EPS = 1e-7
+COSINE_EPS = 1e-5  # as in the reference implementation's prototype maps
+
+
+def one_hot(target: Tensor, num_classes: int) -> Tensor:
+    """[B, *spatial] int -> [B, C, *spatial] float32."""
+    y = F.one_hot(target.long(), num_classes)  # [B, *spatial, C]
+    return y.movedim(-1, 1).float()
+
+
+def _spatial_dims(x: Tensor) -> tuple[int, ...]:
+    return tuple(range(2, x.dim()))
+
+
+def weighted_ce(probs: Tensor, y: Tensor) -> Tensor:
+    """Class-weighted CE; w_c = 1 - share of class c in this sample, so rare classes count more."""
+    probs, y = probs.float(), y.float()
+    dims = _spatial_dims(y)
+    n_vox = float(torch.tensor(y.shape[2:]).prod())
+    w = 1.0 - y.sum(dim=dims) / n_vox  # [B, C]
+    w = w.reshape(w.shape + (1,) * len(dims))
+    ce = -(w * y * torch.log(probs.clamp(PROB_CLAMP, 1.0))).sum(dim=1)  # [B, *spatial]
+    return ce.flatten(1).mean(dim=1)
+
+
+def soft_dice(probs: Tensor, y: Tensor, eps: float = DICE_EPS) -> Tensor:
+    """1 - mean over classes of the soft Dice coefficient, per sample."""
+    probs, y = probs.float(), y.float()
+    dims = _spatial_dims(y)
+    inter = (probs * y).sum(dim=dims)
+    denom = probs.sum(dim=dims) + y.sum(dim=dims) + eps
+    return 1.0 - (2.0 * inter / denom).mean(dim=1)
+
+
+def seg_loss(probs: Tensor, y: Tensor) -> Tensor:
+    """Seg = WCE + Dice on probabilities (not logits)."""
+    return weighted_ce(probs, y) + soft_dice(probs, y)
+
+
+def upsample(probs: Tensor, size: Sequence[int]) -> Tensor:
+    """Trilinear/bilinear resize of probability maps, align_corners=True like the reference up_ops."""
+    if tuple(probs.shape[2:]) == tuple(size):
+        return probs
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    return F.interpolate(probs, size=tuple(size), mode=mode, align_corners=True)
+
+
+def aux_weights(num_aux: int) -> list[float]:
+    """2^-s for s = 1..S: the finest auxiliary map weighs 1/2."""
+    return [2.0 ** -(s + 1) for s in range(num_aux)]
+
+
+def aux_seg_loss(aux_logits: Sequence[Tensor], y: Tensor) -> Tensor:
+    """sum_s 2^-s Seg(up(softmax(z^s)), y); softmax first, then upsample to the target size."""
+    total = y.new_zeros(y.shape[0])
+    for w, z in zip(aux_weights(len(aux_logits)), aux_logits):
+        p = upsample(torch.softmax(z.float(), dim=1), y.shape[2:])
+        total = total + w * seg_loss(p, y)
+    return total
+
+
+def tempered_probs(logits: Tensor, temperature: float, size: Sequence[int] | None = None) -> Tensor:
+    """clamp(up(softmax(z / T)), 0.005, 1): softmax, optional upsampling, then the clamp."""
+    p = torch.softmax(logits.float() / temperature, dim=1)
+    if size is not None:
+        p = upsample(p, size)
+    return p.clamp(PROB_CLAMP, 1.0)
+
+
+def tempered_kl(student: Tensor, teacher: Tensor, temperature: float,
+                size: Sequence[int] | None = None) -> Tensor:
+    """KL_T(u, v) = T^2 * mean_{c,voxels} q_v (log q_v - log q_u), per sample; teacher v is used as given."""
+    q_u = tempered_probs(student, temperature, size)
+    q_v = tempered_probs(teacher, temperature, size)
+    kl = q_v * (torch.log(q_v) - torch.log(q_u))
+    return temperature ** 2 * kl.flatten(1).mean(dim=1)
+
+
+def kl_with_aux(student: Tensor, teacher: Tensor, student_aux: Sequence[Tensor],
+                teacher_aux: Sequence[Tensor], temperature: float) -> Tensor:
+    """KL_T(z_m, z) + sum_s 2^-s KL_T(z_m^s, z^s), aux maps upsampled to the main logits' size."""
+    size = student.shape[2:]
+    total = tempered_kl(student, teacher, temperature)
+    for w, zs, zt in zip(aux_weights(len(student_aux)), student_aux, teacher_aux):
+        total = total + w * tempered_kl(zs, zt, temperature, size)
+    return total
+
+
+def target_at(target: Tensor, size: Sequence[int]) -> Tensor:
+    """Class map resized (nearest) to `size`; decoder features coarser than the target need this."""
+    if tuple(target.shape[1:]) == tuple(size):
+        return target
+    t = F.interpolate(target[:, None].float(), size=tuple(size), mode="nearest")
+    return t[:, 0].long()
+
+
+def class_missing_counts(y: Tensor) -> Tensor:
+    """[C]: number of samples in which each class is absent (0 means present in every sample).
+
+    Returned as a sum over samples so that DDP ranks can all-reduce it exactly.
+    """
+    present = y.flatten(2).sum(dim=2) > 0  # [B, C]
+    return (~present).sum(dim=0).float()
+
+
+def prototypes(features: Tensor, y: Tensor) -> Tensor:
+    """[B, K, F]: mean feature over the voxels of each selected class, per sample."""
+    f = features.float().flatten(2)  # [B, F, V]
+    yy = y.float().flatten(2)  # [B, K, V]
+    counts = yy.sum(dim=2, keepdim=True)  # [B, K, 1]
+    return torch.bmm(yy, f.transpose(1, 2)) / counts.clamp_min(1.0)
+
+
+def similarity_maps(features: Tensor, protos: Tensor) -> Tensor:
+    """[B, K, *spatial]: cosine similarity of every voxel's feature with each class prototype.
+
+    Same formula as F.cosine_similarity (norms clamped at eps separately) but via one bmm,
+    so no [B, K, F, voxels] tensor is materialised.
+    """
+    f = features.float()
+    spatial = f.shape[2:]
+    flat = f.flatten(2)  # [B, F, V]
+    dot = torch.bmm(protos, flat)  # [B, K, V]
+    f_norm = flat.norm(dim=1).clamp_min(COSINE_EPS)  # [B, V]
+    p_norm = protos.norm(dim=2).clamp_min(COSINE_EPS)  # [B, K]
+    sim = dot / f_norm[:, None, :] / p_norm[:, :, None]
+    return sim.reshape(sim.shape[:2] + spatial)
+
+
+def proto_distill(student_feat: Tensor, teacher_feat: Tensor, y: Tensor,
+                  classes: Tensor) -> tuple[Tensor, Tensor]:
+    """Semantic self-distillation: per-sample MSE and mean-abs distance of similarity maps.
+
+    y: one-hot [B, C, *spatial] at the features' resolution; classes: bool [C] selecting the
+    classes present in every sample of the (global) batch. Prototypes are computed separately
+    from student and teacher features. With no selected class both terms are zero.
+    """
+    b = student_feat.shape[0]
+    if not bool(classes.any()):
+        zero = student_feat.float().sum() * 0.0
+        return zero.expand(b), student_feat.new_zeros(b, dtype=torch.float32)
+    ys = y[:, classes]
+    s_student = similarity_maps(student_feat, prototypes(student_feat, ys))
+    s_teacher = similarity_maps(teacher_feat, prototypes(teacher_feat, ys))
+    diff = (s_student - s_teacher).flatten(1)
+    return diff.pow(2).mean(dim=1), diff.abs().mean(dim=1)
