@@ -173,7 +173,7 @@ class Trainer:
             if shape and any(p > s for p, s in zip(patch, shape)):
                 raise ConfigError(f"model.patch_size {patch} is larger than case {name!r} ({list(shape)}) in "
                                   f"{cfg.data.cache}; use a smaller patch or prepare with a larger --min-size")
-        masks = split.masks_for(self.train_cases, setting=cfg.data.setting, cache_index=index)
+        masks = self._training_masks(split, index)
         self.dataset = TrainDataset(
             cfg.data.cache, self.train_cases, masks, setting=cfg.data.setting, patch_size=patch,
             augment=cfg.data.augment, seed=cfg.train.seed, spec=self.spec)
@@ -184,6 +184,24 @@ class Trainer:
                                   f"{cfg.data.split}; PASSION's availability weight would divide by zero")
         per_iter = cfg.train.batch_size * self.dist.world_size
         self.iters_per_epoch = cfg.train.iters_per_epoch or math.ceil(len(self.train_cases) / per_iter)
+
+    def _training_masks(self, split, index: dict) -> list[tuple[bool, ...]]:
+        """Each training case's fixed mask: the split's table (idt*) or all it has (pdt), never
+        claiming a modality whose file is genuinely missing from the cache."""
+        genuine = {c["name"]: [bool(v) for v in c["available"]] for c in index["cases"]}
+        setting = self.cfg.data.setting
+        if setting != "pdt" and split.masks is None:
+            raise ConfigError(f"data.setting={setting} needs the missing-modality table "
+                              f"{self.cfg.data.split}/train_missing.csv (made by `passion split`)")
+        masks = []
+        for name in self.train_cases:
+            table = split.masks[name] if setting != "pdt" else genuine[name]
+            mask = tuple(bool(t) and g for t, g in zip(table, genuine[name]))
+            if not any(mask):
+                raise ConfigError(f"training case {name!r}: its split mask {list(table)} has no modality "
+                                  f"that exists in the cache")
+            masks.append(mask)
+        return masks
 
     def _setup_model_and_objective(self) -> None:
         from ..method import build_objective
