@@ -88,7 +88,7 @@ def random_batch(batch: int = 2, modalities: int = 3, classes: int = 3, size: in
     spatial = (size,) * dims
     image = torch.randn((batch, modalities) + spatial, generator=g)
     bounds = torch.linspace(-0.5, 0.5, classes - 1) if classes > 2 else torch.zeros(1)
-    target = torch.bucketize(image[:, 0], bounds)  # learnable from the first modality
+    target = torch.bucketize(image[:, 0].contiguous(), bounds)  # learnable from the first modality
     for c in range(classes):  # guarantee presence
         target[(slice(None),) + (c,) * dims] = c
     if mask is None:
