@@ -1,0 +1,93 @@
+"""`passion synth` and `passion prepare`: thin wrappers over passion.data."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..utils import PassionError
+from . import app
+
+
+def parse_rates(text: str | None, modalities: tuple[str, ...], what: str = "drop rate") -> dict[str, float]:
+    """'flair=0.6,t1ce=0.4' -> {'flair': 0.6, 't1ce': 0.4}, by plain splitting (never eval)."""
+    rates: dict[str, float] = {}
+    if not text or not text.strip():
+        return rates
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip().lower()
+        if not sep or not key:
+            raise PassionError(f"bad {what} {item.strip()!r}: expected name=value, e.g. flair=0.6")
+        if key not in modalities:
+            raise PassionError(f"unknown modality {key!r} in {what}s; expected one of {', '.join(modalities)}")
+        if key in rates:
+            raise PassionError(f"modality {key!r} is given twice in {what}s")
+        try:
+            rate = float(value.strip())
+        except ValueError:
+            raise PassionError(f"bad {what} for {key}: {value.strip()!r} is not a number") from None
+        if not 0.0 <= rate < 1.0:
+            raise PassionError(f"{what} for {key} must be in [0, 1), got {value.strip()}")
+        rates[key] = rate
+    return rates
+
+
+def _spec(name: str):
+    from ..data.spec import get_spec
+
+    try:
+        return get_spec(name)
+    except ValueError as exc:
+        raise PassionError(str(exc)) from None
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="output folder (BraTS layout)"),
+    cases: int = typer.Option(20, "--cases", help="number of cases"),
+    shape: tuple[int, int, int] = typer.Option((96, 96, 96), "--shape", help="volume size D H W"),
+    seed: int = typer.Option(0, "--seed", help="random seed; the same seed gives the same phantoms"),
+    drop_rates: str = typer.Option("", "--drop-rates", help="omit modality files, e.g. flair=0.6,t1ce=0.4"),
+    dataset: str = typer.Option("brats2020", "--dataset", help="dataset preset (file suffixes, labels)"),
+    workers: int = typer.Option(0, "--workers", help="processes (0: all cores)"),
+    force: bool = typer.Option(False, "--force", help="write into a non-empty folder"),
+) -> None:
+    """Synthesise BraTS-like multi-modal phantoms on real (MNI152) anatomy."""
+    from ..data.synthetic import synthesize_dataset
+
+    spec = _spec(dataset)
+    rates = parse_rates(drop_rates, spec.modalities)
+    if workers < 0:
+        raise PassionError(f"--workers must be 0 (all cores) or more, not {workers}")
+    summary = synthesize_dataset(out, cases, shape, seed, rates, spec, workers or None, force)
+    files = sum(sum(c["available"]) + 1 for c in summary["case_info"])
+    missing = {m: sum(not c["available"][i] for c in summary["case_info"]) for i, m in enumerate(spec.modalities)}
+    typer.echo(f"wrote {cases} cases ({files} NIfTI files) of {'x'.join(map(str, shape))} to {out}")
+    if any(missing.values()):
+        typer.echo("missing files per modality: " + ", ".join(f"{m} {n}" for m, n in missing.items()))
+
+
+@app.command()
+def prepare(
+    raw: Path = typer.Argument(..., help="BraTS-layout folder: RAW/<case>/<case>_<modality>.nii.gz"),
+    cache: Path = typer.Argument(..., help="output cache folder"),
+    dataset: str = typer.Option("brats2020", "--dataset", help="dataset preset"),
+    workers: int = typer.Option(1, "--workers", help="processes"),
+    on_error: str = typer.Option("fail", "--on-error", help="fail: stop at the first bad case; skip: leave it out"),
+    min_size: int = typer.Option(128, "--min-size", help="minimum crop size per axis (paper: 128)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Crop, z-score and cache a raw dataset for training (skips cases already done)."""
+    from ..data.preprocess import prepare_dataset
+
+    if on_error not in ("fail", "skip"):
+        raise PassionError(f"--on-error must be 'fail' or 'skip', not {on_error!r}")
+    if min_size < 1:
+        raise PassionError(f"--min-size must be positive, not {min_size}")
+    summary = prepare_dataset(raw, cache, _spec(dataset), workers, on_error, min_size, progress=not quiet)
+    typer.echo(f"{summary['indexed']} of {summary['cases']} cases in {cache} "
+               f"({summary['prepared']} prepared, {summary['already_done']} already done, "
+               f"{len(summary['failed'])} failed)")

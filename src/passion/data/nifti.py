@@ -1,0 +1,196 @@
+"""NIfTI input/output for BraTS-layout folders: RAW/<case>/<case>_<suffix>.nii.gz.
+
+Every check raises a one-line PassionError naming the case and the file, because raw clinical
+folders are messy and a user must be able to find the bad file without a traceback.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..utils import PassionError
+from .spec import DatasetSpec
+
+EXTENSIONS = (".nii.gz", ".nii")
+SEPARATORS = ("_", "-")  # BraTS 2020 uses <case>_flair, BraTS 2023 uses <case>-t2f
+AFFINE_ATOL = 1e-3  # mm; scanners and converters disagree in the last digits
+
+
+@dataclass
+class CaseFiles:
+    """The files found for one case; a modality without a file is genuinely missing."""
+
+    name: str
+    directory: Path
+    modalities: dict[str, Path] = field(default_factory=dict)
+    label: Path | None = None
+
+    def available(self, spec: DatasetSpec) -> list[bool]:
+        return [m in self.modalities for m in spec.modalities]
+
+
+@dataclass
+class LoadedCase:
+    """Arrays of one case in its original geometry."""
+
+    name: str
+    images: np.ndarray  # float32 [M, *spatial]; zeros where a modality is missing
+    available: list[bool]
+    label: np.ndarray | None  # raw label values, as on disk
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    files: dict[str, str]
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.images.shape[1:])
+
+    @property
+    def spacing(self) -> list[float]:
+        return [float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))]
+
+
+def _find_file(directory: Path, case: str, suffix: str) -> Path | None:
+    """First existing file among the accepted separator/extension spellings."""
+    for sep in SEPARATORS:
+        for ext in EXTENSIONS:
+            p = directory / f"{case}{sep}{suffix}{ext}"
+            if p.is_file():
+                return p
+    return None
+
+
+def find_case_files(directory: str | Path, spec: DatasetSpec) -> CaseFiles:
+    """Which modality and label files a case folder holds (named after the folder)."""
+    directory = Path(directory)
+    case = directory.name
+    found = CaseFiles(case, directory)
+    for modality, suffix in zip(spec.modalities, spec.suffixes):
+        p = _find_file(directory, case, suffix)
+        if p is not None:
+            found.modalities[modality] = p
+    found.label = _find_file(directory, case, spec.label_suffix)
+    return found
+
+
+def discover_cases(raw_dir: str | Path, spec: DatasetSpec) -> list[CaseFiles]:
+    """All case folders of a BraTS-layout directory, sorted by name."""
+    raw = Path(raw_dir)
+    if not raw.is_dir():
+        raise PassionError(f"{raw}: no such directory")
+    dirs = sorted(p for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
+    cases = [find_case_files(d, spec) for d in dirs]
+    cases = [c for c in cases if c.modalities or c.label is not None or _has_nifti(c.directory)]
+    if not cases:
+        raise PassionError(
+            f"{raw}: no cases found (expected {raw}/<case>/<case>_<{'|'.join(spec.suffixes)}>.nii.gz)")
+    return cases
+
+
+def _has_nifti(directory: Path) -> bool:
+    return any(p.name.endswith(EXTENSIONS) for p in directory.iterdir())
+
+
+def load_volume(path: str | Path, case: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Read one 3D volume as float32, refusing unreadable, non-3D or non-finite data."""
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PassionError(f"case {case}: cannot read {path}: {msg}") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise PassionError(f"case {case}: {path} is not a 3D volume (shape {tuple(data.shape)})")
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise PassionError(f"case {case}: {path} contains {bad} NaN/inf values")
+    return data, img
+
+
+def load_case(files: CaseFiles, spec: DatasetSpec, atol: float = AFFINE_ATOL) -> LoadedCase:
+    """Load the existing modality files (and label) and check that they share one geometry."""
+    case = files.name
+    if not files.modalities:
+        raise PassionError(
+            f"case {case}: no modality file in {files.directory} "
+            f"(expected {case}_<{'|'.join(spec.suffixes)}>.nii.gz)")
+    ref_path: Path | None = None
+    ref_img: nib.Nifti1Image | None = None
+    shape: tuple[int, ...] = ()
+    images: list[np.ndarray | None] = []
+    for modality in spec.modalities:
+        path = files.modalities.get(modality)
+        if path is None:
+            images.append(None)
+            continue
+        data, img = load_volume(path, case)
+        if ref_img is None:
+            ref_path, ref_img, shape = path, img, data.shape
+        else:
+            _check_geometry(case, path, data.shape, img.affine, ref_path, shape, ref_img.affine, atol)
+        images.append(data)
+    label = None
+    if files.label is not None:
+        label, img = load_volume(files.label, case)
+        _check_geometry(case, files.label, label.shape, img.affine, ref_path, shape, ref_img.affine, atol)
+    stack = np.zeros((spec.num_modalities, *shape), dtype=np.float32)
+    for i, data in enumerate(images):
+        if data is not None:
+            stack[i] = data
+    file_map = {m: str(p) for m, p in files.modalities.items()}
+    if files.label is not None:
+        file_map["label"] = str(files.label)
+    return LoadedCase(case, stack, [d is not None for d in images], label,
+                      np.asarray(ref_img.affine, dtype=np.float64), ref_img.header.copy(), file_map)
+
+
+def _check_geometry(case: str, path: Path, shape, affine, ref_path, ref_shape, ref_affine, atol: float) -> None:
+    if tuple(shape) != tuple(ref_shape):
+        raise PassionError(
+            f"case {case}: {path} has shape {tuple(shape)} but {ref_path.name} has {tuple(ref_shape)}")
+    if not np.allclose(affine, ref_affine, atol=atol, rtol=0):
+        diff = float(np.abs(np.asarray(affine) - np.asarray(ref_affine)).max())
+        raise PassionError(
+            f"case {case}: {path} has an affine differing from {ref_path.name} by {diff:.4g} (tolerance {atol})")
+
+
+def _tmp_name(path: Path) -> Path:
+    """A temporary name beside `path` with the same extension, so nibabel picks the same format."""
+    ext = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    return path.with_name(f".{path.name[:-len(ext)]}.{os.getpid()}.tmp{ext}")
+
+
+def write_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray,
+                header: nib.Nifti1Header | None = None, dtype=None) -> None:
+    """Atomically write a volume; both sform and qform carry `affine` so every reader agrees."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.dtype(dtype or data.dtype)
+    hdr = header.copy() if header is not None else None
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.asarray(affine, dtype=np.float64), header=hdr)
+    img.set_data_dtype(dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    tmp = _tmp_name(path)
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_label_map(path: str | Path, labels: np.ndarray, affine: np.ndarray,
+                    header: nib.Nifti1Header | None = None) -> None:
+    """Write raw label values (uint8, or int16 if they do not fit) in a given geometry."""
+    labels = np.asarray(labels)
+    dtype = np.uint8 if labels.size == 0 or (labels.min() >= 0 and labels.max() <= 255) else np.int16
+    write_nifti(path, labels, affine, header, dtype=dtype)
