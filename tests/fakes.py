@@ -83,12 +83,13 @@ class FakeBackbone(Backbone):
 
 def random_batch(batch: int = 2, modalities: int = 3, classes: int = 3, size: int = 8,
                  dims: int = 3, seed: int = 0, mask: list[list[bool]] | None = None) -> dict:
-    """A random image, a blocky target containing every class in every sample, and a mask."""
+    """Noisy views of one random field, its bucketised classes (each present in every sample), a mask."""
     g = torch.Generator().manual_seed(seed)
     spatial = (size,) * dims
-    image = torch.randn((batch, modalities) + spatial, generator=g)
+    shared = torch.randn((batch, 1) + spatial, generator=g)  # the "anatomy" all modalities see
+    image = shared + 0.5 * torch.randn((batch, modalities) + spatial, generator=g)
     bounds = torch.linspace(-0.5, 0.5, classes - 1) if classes > 2 else torch.zeros(1)
-    target = torch.bucketize(image[:, 0].contiguous(), bounds)  # learnable from the first modality
+    target = torch.bucketize(shared[:, 0].contiguous(), bounds)  # learnable from any modality
     for c in range(classes):  # guarantee presence
         target[(slice(None),) + (c,) * dims] = c
     if mask is None:
