@@ -1,0 +1,269 @@
+"""`passion evaluate`: every case of a split x every modality subset -> results table.
+
+Writes under RUN_DIR/eval/<split>/ (atomically, nothing half-written):
+    per_case.csv   one row per case x subset x region (dice, hd95)
+    results.json   per-subset means, the mean over subsets, checkpoint, config hash, conventions
+    results.md     the paper-style table (present modalities ● / absent ○)
+    heatmap.png    subsets x regions Dice
+Metrics are computed on the cropped volumes of the cache: the crop only removes voxels that are
+background in every modality (and in the reference), and predictions outside the crop are
+background, so every region metric equals the metric in the original geometry.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..utils import PassionError, atomic_write_json, atomic_write_text
+from . import metrics as M
+
+FORMAT = "passion-eval"
+VERSION = 1
+
+
+def _run_dir_of(path: Path) -> Path:
+    """The run dir of a checkpoint file (RUN/checkpoints/x.pt) or the directory itself."""
+    if path.is_file():
+        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return path
+
+
+def load_model(run_dir: str | Path, checkpoint: str = "last", device="cpu"):
+    """(model, cfg, spec, ckpt dict, checkpoint path) for a run dir or a checkpoint file."""
+    from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(run_dir, str(checkpoint))
+    ckpt = load_checkpoint(path)
+    try:
+        model, cfg, spec = model_from_checkpoint(ckpt, device=device)
+    except PassionError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PassionError(f"{path}: cannot rebuild the model of this checkpoint ({first[:200]})") from None
+    return model, cfg, spec, ckpt, path
+
+
+def _resolve_path(value: str, run_dir: Path, what: str) -> Path:
+    if not value:
+        raise PassionError(f"the run's config has no {what}; pass it explicitly")
+    p = Path(value)
+    if p.exists() or p.is_absolute():
+        return p
+    for base in (run_dir, run_dir.parent):
+        if (base / p).exists():
+            return base / p
+    return p
+
+
+def _case_names(split: str, cfg, run_dir: Path, cases: Sequence[str] | None) -> list[str]:
+    from ..data.splits import read_case_list
+
+    if cases is not None:
+        return list(cases)
+    if Path(split).suffix == ".txt" and Path(split).is_file():
+        return read_case_list(split)
+    split_dir = _resolve_path(cfg.data.split, run_dir, "data.split")
+    f = split_dir / f"{split}.txt"
+    if not f.is_file():
+        raise PassionError(f"no case list for split {split!r}: {f} does not exist")
+    return read_case_list(f)
+
+
+def _match_cache_names(names: list[str], cache: Path) -> list[str]:
+    """Cache names for a case list; the reference lists prefix BraTS names with HG_/LG_."""
+    from ..data.cache import is_case_complete
+
+    out, missing = [], []
+    for n in names:
+        if is_case_complete(cache, n):
+            out.append(n)
+        elif n[:3] in ("HG_", "LG_") and is_case_complete(cache, n[3:]):
+            out.append(n[3:])
+        else:
+            missing.append(n)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise PassionError(f"case(s) {', '.join(missing[:3])}{more} are not in cache {cache}")
+    return out
+
+
+def _nanmean(values) -> float:
+    v = [x for x in values if x == x]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _nanstd(values) -> float:
+    v = [x for x in values if x == x]
+    return float(np.std(v)) if v else float("nan")
+
+
+def summarise(rows: list[dict], spec, masks, regions) -> tuple[list[dict], dict]:
+    """Per-subset means over cases, and the mean over subsets."""
+    subsets = []
+    for mask in masks:
+        name = spec.subset_name(mask)
+        sub = [r for r in rows if r["subset"] == name]
+        entry = {"subset_id": spec.subset_id(mask), "subset": name, "mask": [bool(v) for v in mask],
+                 "modalities": M.subset_modalities(spec, mask)}
+        for key in ("dice", "hd95"):
+            entry[key] = {reg: _nanmean([r[key] for r in sub if r["region"] == reg]) for reg in regions}
+            entry[f"{key}_std"] = {reg: _nanstd([r[key] for r in sub if r["region"] == reg]) for reg in regions}
+        subsets.append(entry)
+    mean = {key: {reg: _nanmean([s[key][reg] for s in subsets]) for reg in regions} for key in ("dice", "hd95")}
+    return subsets, mean
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    fields = ["case", "subset_id", "subset", "modalities", "region", "dice", "hd95"]
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({**{k: r[k] for k in fields if k not in ("dice", "hd95")},
+                    "dice": f"{r['dice']:.6f}", "hd95": f"{r['hd95']:.4f}"})
+    return buf.getvalue()
+
+
+def _markdown(results: dict) -> str:
+    from ..report.tables import subset_table
+
+    conv = results["conventions"]
+    post = conv.get("postprocess")
+    lines = [
+        f"# Evaluation: {results['model']} + {results['objective']} on {results['split']} "
+        f"({len(results['cases'])} cases, {len(results['subsets'])} modality subsets)",
+        "",
+        f"Checkpoint `{results['checkpoint']}` (epoch {results.get('epoch')}), config hash `{results['config_hash']}`.",
+        "",
+        subset_table(results),
+        "● modality present, ○ missing. Dice in %, HD95 in mm; the last row is the mean over subsets.",
+        "",
+        "Conventions: sliding window of {roi} voxels, overlap {ov}, mean of softmax, argmax; "
+        "empty reference and prediction: Dice {bd:g}, HD95 {bh:g}; exactly one empty: Dice {od:g}, "
+        "HD95 {oh:g} mm.".format(roi="x".join(str(v) for v in conv["roi_size"]), ov=conv["overlap"],
+                                  bd=conv["both_empty"]["dice"], bh=conv["both_empty"]["hd95"],
+                                  od=conv["one_empty"]["dice"], oh=conv["one_empty"]["hd95"]),
+    ]
+    if post:
+        lines.append(f"{post['name']}: {post['rule']}.")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test", subsets: str | Sequence = "all",
+             overlap: float | None = None, precision: str | None = None, device: str | None = None,
+             out_dir: str | Path | None = None, progress: bool = True, *, cases: Sequence[str] | None = None,
+             cache: str | Path | None = None, subset_chunk: int | None = None, sw_batch_size: int | None = None,
+             overwrite: bool = False) -> dict:
+    """Evaluate a run's checkpoint on every case of `split` for each modality subset.
+
+    Returns the results dict (also written to OUT/results.json, OUT = RUN_DIR/eval/<split> by default).
+    `subsets`: 'all' or e.g. 'flair+t1ce,t2'; `cases`/`cache` override the split's case list and the
+    run's cache; `subset_chunk` bounds memory (subsets per sliding-window pass).
+    """
+    from ..data.cache import read_case
+    from ..utils import progress as progress_bar
+    from .inference import predict_subsets, resolve_device
+
+    start = time.time()
+    run_path = _run_dir_of(Path(run_dir))
+    if not Path(run_dir).exists():
+        raise PassionError(f"{run_dir}: no such run directory or checkpoint")
+    # device from the argument, else the run's config (resolved after reading it)
+    model, cfg, spec, ckpt, ckpt_path = load_model(run_dir, checkpoint, device="cpu")
+    dev = resolve_device(device or cfg.train.device)
+    model = model.to(dev)
+    precision = precision or cfg.train.precision
+    overlap = cfg.eval.overlap if overlap is None else float(overlap)
+    if not 0 <= overlap < 1:
+        raise PassionError(f"overlap must be in [0, 1), got {overlap}")
+    try:
+        masks = M.evaluation_subsets(spec, subsets)
+    except ValueError as exc:
+        raise PassionError(str(exc)) from None
+    if not masks:
+        raise PassionError(f"no modality subset selected by {subsets!r}")
+    regions = M.region_names(spec)
+
+    split_label = Path(split).stem if Path(split).suffix == ".txt" else str(split)
+    out = Path(out_dir) if out_dir is not None else run_path / "eval" / split_label
+    if (out / "results.json").exists() and not overwrite:
+        raise PassionError(f"{out / 'results.json'} exists; pass --overwrite (overwrite=True) to replace it")
+    cache_dir = Path(cache) if cache is not None else _resolve_path(cfg.data.cache, run_path, "data.cache")
+    names = _match_cache_names(_case_names(split, cfg, run_path, cases), cache_dir)
+    if not names:
+        raise PassionError(f"split {split!r} has no cases")
+
+    roi = list(cfg.model.patch_size)
+    sw = int(sw_batch_size or cfg.eval.sw_batch_size or 1)
+    rows: list[dict] = []
+    with progress_bar(total=len(names) * len(masks), desc=f"evaluate {split_label}", disable=not progress) as bar:
+        for name in names:
+            case = read_case(cache_dir, name)
+            if case.label is None:
+                raise PassionError(f"case {name} in {cache_dir} has no label; it cannot be evaluated")
+            avail = case.available
+            for mask in masks:
+                lacking = [spec.modalities[i] for i, (on, a) in enumerate(zip(mask, avail)) if on and not a]
+                if lacking:
+                    raise PassionError(f"case {name} has no {', '.join(lacking)} image, needed by subset "
+                                       f"{spec.subset_name(mask)}; evaluate on complete cases or pick --subsets")
+            bar.set_status(f"{name}: inference")
+            probs = predict_subsets(model, case.image, masks, roi_size=roi, available=avail, overlap=overlap,
+                                    sw_batch_size=sw, device=dev, precision=precision, subset_chunk=subset_chunk)
+            classes = probs.argmax(dim=1).cpu().numpy().astype(np.uint8)
+            del probs
+            label = np.asarray(case.label)
+            spacing = case.meta.get("spacing")
+            for s, mask in enumerate(masks):
+                bar.set_status(f"{name}: {spec.subset_name(mask)}")
+                res = M.region_metrics(classes[s], label, spec, spacing)
+                for reg in regions:
+                    rows.append({"case": name, "subset_id": spec.subset_id(mask), "subset": spec.subset_name(mask),
+                                 "modalities": " ".join(M.subset_modalities(spec, mask)), "region": reg,
+                                 "dice": res[reg]["dice"], "hd95": res[reg]["hd95"]})
+                bar.update(1)
+
+    subset_entries, mean = summarise(rows, spec, masks, regions)
+    conventions = M.conventions(spec)
+    conventions.update({"overlap": overlap, "roi_size": roi, "blend": "mean of softmax over overlapping windows",
+                        "precision": precision, "mean": "subset values are means over cases; 'mean' is the "
+                        "mean over subsets"})
+    results = {
+        "format": FORMAT, "version": VERSION,
+        "run_dir": str(run_path), "checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"),
+        "config_hash": ckpt.get("config_hash") or cfg.hash(),
+        "model": cfg.model.name, "objective": cfg.objective.name, "dataset": spec.name,
+        "split": split_label, "cases": names, "num_cases": len(names),
+        "modalities": list(spec.modalities), "regions": regions,
+        "subsets": subset_entries, "mean": mean, "conventions": conventions,
+        "device": str(dev), "seconds": round(time.time() - start, 2),
+    }
+    results = _json_safe(results)
+    out.mkdir(parents=True, exist_ok=True)
+    from ..report.figures import subset_heatmap
+
+    atomic_write_text(out / "per_case.csv", _csv_text(rows))
+    atomic_write_text(out / "results.md", _markdown(results))
+    subset_heatmap(results, out / "heatmap.png",
+                   title=f"Dice per modality subset: {cfg.model.name} + {cfg.objective.name}, "
+                         f"{split_label} ({len(names)} cases)")
+    atomic_write_json(out / "results.json", results)  # last: marks the evaluation complete
+    return results
+
+
+def _json_safe(obj):
+    """NaN (e.g. HD95 not computed) -> None so that results.json is strict JSON."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj

@@ -1,0 +1,156 @@
+"""Sliding-window prediction for many modality subsets at once.
+
+Evaluating the 2^M - 1 subsets of a case naively runs the whole network 15 times. The model
+contract (models/interface.py) lets us do better: per-modality encoder features do not depend
+on which *other* modalities are present, and ``fuse`` zeroes the features of modalities that
+are off in its mask. So for every window we run ``encode`` once with the case's available
+modalities, repeat the features once per requested subset and run ONE batched ``fuse`` over
+an [S, M] mask. MONAI's ``sliding_window_inference`` then averages the S softmax maps over
+overlapping windows (mode ``constant`` = plain mean) exactly as for a single subset.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..utils import PassionError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto'/None -> CUDA when available, else CPU; anything else as given (checked)."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PassionError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """Autocast context for inference: fp32 (none), bf16 (CPU or CUDA), fp16 (CUDA only)."""
+    if precision not in PRECISIONS:
+        raise PassionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise PassionError("fp16 inference needs a CUDA device; use bf16 on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _mask_tensor(masks, num_modalities: int) -> Tensor:
+    t = torch.as_tensor(np.asarray(masks, dtype=bool))
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2 or t.shape[1] != num_modalities:
+        raise ValueError(f"subset masks must be [S, {num_modalities}], got {tuple(t.shape)}")
+    if not bool(t.any(dim=1).all()):
+        raise ValueError("every subset must contain at least one modality")
+    return t
+
+
+class SubsetPredictor:
+    """Window predictor for ``sliding_window_inference``: [B, M, *roi] -> [B, S*C, *roi] softmax.
+
+    encode runs once per window batch with ``encode_mask`` (the modalities the case really
+    has); fuse runs once over the features repeated for all S subsets.
+    """
+
+    def __init__(self, model, subsets, encode_mask=None, precision: str = "fp32"):
+        self.model = model
+        m = model.num_modalities
+        self.subsets = _mask_tensor(subsets, m)
+        enc = torch.ones(m, dtype=torch.bool) if encode_mask is None else torch.as_tensor(
+            np.asarray(encode_mask, dtype=bool))
+        if enc.shape != (m,):
+            raise ValueError(f"encode mask must have {m} entries, got {tuple(enc.shape)}")
+        outside = self.subsets & ~enc
+        if bool(outside.any()):
+            raise PassionError("a requested subset uses a modality the case does not have")
+        self.encode_mask = enc
+        self.precision = precision
+
+    @torch.no_grad()
+    def __call__(self, window: Tensor) -> Tensor:
+        b = window.shape[0]
+        s = self.subsets.shape[0]
+        dev = window.device
+        with autocast(dev, self.precision):
+            enc_mask = self.encode_mask.to(dev)[None].expand(b, -1)
+            feats = self.model.encode(window, enc_mask)
+            feats = feats.repeat_each(s) if s > 1 else feats
+            mask = self.subsets.to(dev).repeat(b, 1)  # order matches repeat_each: b0s0, b0s1, ...
+            logits = self.model.fuse(feats, mask).logits
+        probs = torch.softmax(logits.float(), dim=1)
+        return probs.reshape(b, s * probs.shape[1], *probs.shape[2:])
+
+
+class NaivePredictor:
+    """One full forward per subset (the reference behaviour; used for checks and benchmarks)."""
+
+    def __init__(self, model, subsets, precision: str = "fp32"):
+        self.model = model
+        self.subsets = _mask_tensor(subsets, model.num_modalities)
+        self.precision = precision
+
+    @torch.no_grad()
+    def __call__(self, window: Tensor) -> Tensor:
+        b = window.shape[0]
+        outs = []
+        with autocast(window.device, self.precision):
+            for mask in self.subsets.to(window.device):
+                logits = self.model(window, mask[None].expand(b, -1))
+                outs.append(torch.softmax(logits.float(), dim=1))
+        return torch.cat(outs, dim=1)
+
+
+@torch.no_grad()
+def predict_subsets(model, image, subsets, *, roi_size: Sequence[int], available=None, overlap: float = 0.5,
+                    sw_batch_size: int = 1, device: str | torch.device | None = "cpu", precision: str = "fp32",
+                    subset_chunk: int | None = None, reuse_features: bool = True,
+                    output_device: str | torch.device = "cpu") -> Tensor:
+    """Mean-softmax probabilities [S, C, *spatial] (float32) of one volume for each subset.
+
+    image: [M, *spatial] (numpy or tensor); subsets: [S, M] masks; available: the modalities
+    the volume really has (default: all); their channels are zeroed in encode for the rest.
+    subset_chunk bounds memory: subsets are processed in chunks of that many (the encoder then
+    runs once per chunk); None processes all subsets in one pass.
+    """
+    from monai.inferers import sliding_window_inference
+
+    dev = resolve_device(device)
+    x = torch.as_tensor(np.asarray(image, dtype=np.float32) if not torch.is_tensor(image) else image)
+    x = x.float()[None].to(dev)
+    m = x.shape[1]
+    masks = _mask_tensor(subsets, m)
+    if available is None:
+        available = [True] * m
+    # modalities that are absent in the case are zero in the input, as in training
+    x = x * torch.as_tensor(np.asarray(available, dtype=np.float32), device=dev).reshape(1, m, *[1] * (x.dim() - 2))
+    chunk = masks.shape[0] if not subset_chunk else max(1, int(subset_chunk))
+    model = model.to(dev).eval()
+    outs = []
+    for start in range(0, masks.shape[0], chunk):
+        part = masks[start:start + chunk]
+        if reuse_features:
+            predictor = SubsetPredictor(model, part, encode_mask=available, precision=precision)
+        else:
+            predictor = NaivePredictor(model, part, precision=precision)
+        probs = sliding_window_inference(x, roi_size=list(roi_size), sw_batch_size=sw_batch_size,
+                                         predictor=predictor, overlap=overlap, mode="constant",
+                                         device=torch.device(output_device))
+        probs = probs[0].reshape(part.shape[0], -1, *probs.shape[2:]).float()
+        outs.append(probs)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def predict_classes(model, image, subsets, **kw) -> np.ndarray:
+    """Argmax class maps [S, *spatial] (uint8) for each subset; see predict_subsets."""
+    probs = predict_subsets(model, image, subsets, **kw)
+    return probs.argmax(dim=1).to(torch.uint8).cpu().numpy()
