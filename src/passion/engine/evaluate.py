@@ -39,7 +39,13 @@ def load_model(run_dir: str | Path, checkpoint: str = "last", device="cpu"):
     from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(run_dir, str(checkpoint))
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except PassionError:
+        raise
+    except Exception as exc:  # the unpickler raises e.g. KeyError on arbitrary bytes
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise PassionError(f"{path}: not a readable passion checkpoint ({type(exc).__name__} {first[:120]})") from None
     try:
         model, cfg, spec = model_from_checkpoint(ckpt, device=device)
     except PassionError:

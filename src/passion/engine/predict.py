@@ -1,0 +1,265 @@
+"""`passion predict`: segment new cases with whatever modalities they have.
+
+INPUT is a BraTS-layout case folder (<case>/<case>_<modality>.nii.gz), a folder of such folders,
+or explicit per-modality files. The modalities with a file are the available ones (any non-empty
+subset). Preprocessing is the training one (crop to the non-zero box, z-score); the prediction is
+put back into the ORIGINAL geometry (same shape, affine and header as the inputs) with raw label
+values (BraTS: enhancing = 4) and written as OUT/<case>.nii.gz (uint8), optionally with the
+softmax probabilities as OUT/<case>_probs.nii.gz (float32, classes on the last axis).
+
+All outputs are written into a temporary folder inside OUT and moved into place only when every
+case has succeeded, so a bad input never leaves partial results behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..utils import PassionError
+
+DEFAULT_MIN_SIZE = 128
+
+
+def _strip_ext(name: str) -> str:
+    from ..data.nifti import EXTENSIONS
+
+    for ext in EXTENSIONS:
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def _case_name_from_files(files: Mapping[str, Path], spec) -> str:
+    from ..data.nifti import SEPARATORS
+
+    modality, path = next(iter(files.items()))
+    stem = _strip_ext(Path(path).name)
+    suffix = spec.suffixes[spec.modality_index(modality)]
+    for sep in SEPARATORS:
+        if stem.lower().endswith(f"{sep}{suffix}".lower()) and len(stem) > len(suffix) + 1:
+            return stem[: -len(suffix) - 1]
+    return stem
+
+
+def collect_cases(inputs: Sequence[str | Path], files: Mapping[str, str | Path] | None, spec) -> list:
+    """CaseFiles for every requested case; bad input raises one clear PassionError."""
+    from ..data.nifti import EXTENSIONS, CaseFiles, find_case_files
+
+    cases = []
+    for raw in inputs or []:
+        d = Path(raw)
+        if not d.exists():
+            raise PassionError(f"{d}: no such file or directory")
+        if not d.is_dir():
+            raise PassionError(f"{d}: INPUT must be a case folder or a folder of case folders; "
+                               "give single files with --flair/--t1ce/--t1/--t2 or --modality NAME=PATH")
+        direct = find_case_files(d, spec)
+        if direct.modalities:
+            cases.append(direct)
+            continue
+        sub = [find_case_files(s, spec) for s in sorted(d.iterdir()) if s.is_dir() and not s.name.startswith(".")]
+        sub = [c for c in sub if c.modalities]
+        if not sub:
+            expected = f"<case>_<{'|'.join(spec.suffixes)}>.nii.gz"
+            if any(p.name.endswith(EXTENSIONS) for p in d.iterdir()):
+                raise PassionError(f"{d}: no modality file named {d.name}_<{'|'.join(spec.suffixes)}>.nii.gz "
+                                   "(a case folder's files must start with the folder name)")
+            raise PassionError(f"{d}: no modality file found (expected {d}/{expected} or {d}/<case>/{expected})")
+        cases.extend(sub)
+    if files:
+        mods: dict[str, Path] = {}
+        for name, path in files.items():
+            try:
+                modality = spec.modalities[spec.modality_index(str(name))]
+            except ValueError as exc:
+                raise PassionError(str(exc)) from None
+            if modality in mods:
+                raise PassionError(f"modality {modality} given twice")
+            p = Path(path)
+            if not p.is_file():
+                raise PassionError(f"{modality} file not found: {p}")
+            mods[modality] = p
+        if not mods:
+            raise PassionError("no modality file given")
+        cases.append(CaseFiles(_case_name_from_files(mods, spec), next(iter(mods.values())).parent, mods))
+    if not cases:
+        raise PassionError("nothing to predict: give a case folder, a folder of case folders, or modality files")
+    seen: dict[str, Path] = {}
+    for c in cases:
+        if c.name in seen:
+            raise PassionError(f"two inputs are both named {c.name!r} ({seen[c.name]} and {c.directory}); "
+                               "their outputs would collide")
+        seen[c.name] = c.directory
+    return cases
+
+
+def check_geometry(case, spec) -> None:
+    """Cheap header-only check that a case's files agree in shape and affine (before any inference)."""
+    import nibabel as nib
+
+    from ..data.nifti import AFFINE_ATOL
+
+    ref = None
+    for modality, path in case.modalities.items():
+        try:
+            img = nib.load(str(path))
+            shape = tuple(int(s) for s in img.shape)
+        except Exception as exc:  # nibabel raises many types for corrupt files
+            msg = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise PassionError(f"case {case.name}: cannot read {path}: {msg}") from None
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        if len(shape) != spec.spatial_dims:
+            raise PassionError(f"case {case.name}: {path} is not a {spec.spatial_dims}D volume (shape {shape})")
+        if ref is None:
+            ref = (path, shape, img.affine)
+            continue
+        if shape != ref[1]:
+            raise PassionError(f"case {case.name}: {path} has shape {shape} but {Path(ref[0]).name} has {ref[1]}")
+        if not np.allclose(img.affine, ref[2], atol=AFFINE_ATOL, rtol=0):
+            diff = float(np.abs(img.affine - ref[2]).max())
+            raise PassionError(f"case {case.name}: {path} has an affine differing from {Path(ref[0]).name} "
+                               f"by {diff:.4g} mm (tolerance {AFFINE_ATOL})")
+
+
+def _min_size(ckpt: dict, cfg) -> int | list[int]:
+    """The crop minimum used when the training cache was prepared (else the paper's 128)."""
+    pre = ckpt.get("preprocess") or {}
+    if pre.get("min_size") is not None:
+        return pre["min_size"]
+    try:
+        from ..data.cache import read_index
+
+        index = read_index(cfg.data.cache) if cfg.data.cache else {}
+    except (PassionError, OSError):
+        index = {}
+    return index.get("min_size") or DEFAULT_MIN_SIZE
+
+
+def evaluation_hint(run_dir: Path, modalities: Sequence[str]) -> str | None:
+    """How this modality subset scored in the run's own evaluation, if there is one."""
+    eval_dir = run_dir / "eval"
+    if not eval_dir.is_dir():
+        return None
+    found = sorted(eval_dir.glob("*/results.json"),
+                   key=lambda p: {"test": 0, "val": 1}.get(p.parent.name, 2))
+    for path in found:
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for s in res.get("subsets", []):
+            if list(s.get("modalities", [])) == list(modalities):
+                dice = ", ".join(f"{k} {v:.3f}" for k, v in s.get("dice", {}).items() if v is not None)
+                mean = res.get("mean", {}).get("dice", {})
+                full = next((x for x in res["subsets"] if len(x.get("modalities", [])) == len(res.get("modalities", []))),
+                            None)
+                extra = ""
+                if full is not None and full is not s:
+                    extra = "; with all modalities: " + ", ".join(
+                        f"{k} {v:.3f}" for k, v in full["dice"].items() if v is not None)
+                elif mean:
+                    extra = "; mean over subsets: " + ", ".join(f"{k} {v:.3f}" for k, v in mean.items() if v is not None)
+                return (f"in this run's evaluation on {res.get('split', path.parent.name)} "
+                        f"({len(res.get('cases', []))} cases) this subset reached Dice {dice}{extra}")
+    return None
+
+
+def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_dir: str | Path = "predictions",
+            files: Mapping[str, str | Path] | None = None, save_probabilities: bool = False,
+            device: str | None = None, precision: str | None = None, *, overlap: float | None = None,
+            overwrite: bool = False, postprocess: bool = False, progress: bool = True,
+            log: Callable[[str], None] | None = print) -> list[Path]:
+    """Segment every input case; returns the written paths (labels, then probability maps if asked).
+
+    checkpoint: a checkpoint file or a run dir (its last checkpoint). files: {modality: path}
+    for one case given as separate files. postprocess: apply the evaluation's small-ET removal.
+    """
+    from ..data.nifti import load_case, write_label_map, write_nifti
+    from ..data.preprocess import preprocess_images, uncrop, unmap_labels
+    from ..utils import progress as progress_bar
+    from .evaluate import _run_dir_of, load_model
+    from .inference import predict_subsets, resolve_device
+    from .metrics import postprocess_classes
+
+    say = log or (lambda _msg: None)
+    ckpt_arg = Path(checkpoint)
+    if not ckpt_arg.exists():
+        raise PassionError(f"checkpoint not found: {ckpt_arg}")
+    model, cfg, spec, ckpt, ckpt_path = load_model(ckpt_arg, "last", device="cpu")
+    dev = resolve_device(device or cfg.train.device)
+    precision = precision or cfg.train.precision
+    overlap = cfg.eval.overlap if overlap is None else float(overlap)
+    if not 0 <= overlap < 1:
+        raise PassionError(f"overlap must be in [0, 1), got {overlap}")
+    cases = collect_cases(inputs, files, spec)
+    for case in cases:
+        check_geometry(case, spec)
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise PassionError(f"{out}: exists and is not a directory")
+    targets = {c.name: out / f"{c.name}.nii.gz" for c in cases}
+    prob_targets = {c.name: out / f"{c.name}_probs.nii.gz" for c in cases} if save_probabilities else {}
+    if not overwrite:
+        existing = [str(p) for p in [*targets.values(), *prob_targets.values()] if p.exists()]
+        if existing:
+            raise PassionError(f"{existing[0]} already exists; pass --overwrite to replace it")
+
+    min_size = _min_size(ckpt, cfg)
+    run_dir = _run_dir_of(ckpt_path)
+    roi = list(cfg.model.patch_size)
+    model = model.to(dev)
+    created_out = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".passion-predict-", dir=out))
+    written: list[tuple[Path, Path]] = []
+    try:
+        with progress_bar(total=len(cases), desc="predict", disable=not progress) as bar:
+            for case in cases:
+                bar.set_status(case.name)
+                loaded = load_case(case, spec)
+                used = [m for m, a in zip(spec.modalities, loaded.available) if a]
+                missing = [m for m, a in zip(spec.modalities, loaded.available) if not a]
+                msg = f"{case.name}: using {', '.join(used)}" + (f" (missing: {', '.join(missing)})" if missing else "")
+                hint = evaluation_hint(run_dir, used)
+                say(msg + (f"; {hint}" if hint else ""))
+                image, box = preprocess_images(loaded.images, loaded.available, min_size)
+                probs = predict_subsets(model, image, [loaded.available], roi_size=roi, available=loaded.available,
+                                        overlap=overlap, sw_batch_size=int(cfg.eval.sw_batch_size or 1),
+                                        device=dev, precision=precision)[0].cpu().numpy()
+                classes = probs.argmax(axis=0).astype(np.uint8)
+                if postprocess:
+                    classes = postprocess_classes(classes, spec)
+                full = uncrop(classes, box, loaded.spatial_shape, fill=0)
+                labels = unmap_labels(full, spec)
+                dest = tmp / targets[case.name].name
+                write_label_map(dest, labels, loaded.affine, loaded.header)
+                written.append((dest, targets[case.name]))
+                if save_probabilities:
+                    p = uncrop(probs.astype(np.float32), box, loaded.spatial_shape, fill=0.0)
+                    p[0] = uncrop(probs[0].astype(np.float32), box, loaded.spatial_shape, fill=1.0)
+                    dest_p = tmp / prob_targets[case.name].name
+                    write_nifti(dest_p, np.ascontiguousarray(np.moveaxis(p, 0, -1)), loaded.affine, loaded.header,
+                                dtype=np.float32)
+                    written.append((dest_p, prob_targets[case.name]))
+                bar.update(1)
+        for src, dst in written:
+            os.replace(src, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    labels_out = [dst for _, dst in written if not dst.name.endswith("_probs.nii.gz")]
+    probs_out = [dst for _, dst in written if dst.name.endswith("_probs.nii.gz")]
+    say(f"wrote {len(labels_out)} label map(s) to {out}" + (f" and {len(probs_out)} probability map(s)"
+                                                             if probs_out else ""))
+    return labels_out + probs_out
