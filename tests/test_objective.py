@@ -281,3 +281,31 @@ def test_objective_module_wraps_model_for_ddp():
     wrapped = ObjectiveModule(model, make("baseline"))
     out = wrapped(random_batch(), 0)
     assert out.loss.requires_grad and set(out.stats) == {"loss", "fuse", "aux", "sep"}
+
+
+@pytest.mark.parametrize("name", ["baseline", "passion"])
+def test_bf16_autocast_gives_fp32_loss(name):
+    model = FakeBackbone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = make(name)(model, random_batch(), 0)
+    assert out.loss.dtype == torch.float32 and math.isfinite(out.loss.item())
+    out.loss.backward()
+
+
+def test_ddp_wrapped_backbone_is_refused():
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'pg')}", rank=0, world_size=1)
+        try:
+            ddp = torch.nn.parallel.DistributedDataParallel(FakeBackbone())
+            with pytest.raises(PassionError, match="ObjectiveModule"):
+                make()(ddp, random_batch(), 0)
+            out = torch.nn.parallel.DistributedDataParallel(ObjectiveModule(FakeBackbone(), make()))(
+                random_batch(), 0)
+            out.loss.backward()
+        finally:
+            dist.destroy_process_group()

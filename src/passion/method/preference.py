@@ -100,6 +100,7 @@ class PreferenceState:
         self.eta_growth, self.eta_growth_every = float(eta_growth), int(eta_growth_every)
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
         self.beta = torch.ones(num_modalities)
+        self.device = torch.device("cpu")  # where all_reduce gets its tensor (nccl needs CUDA)
         self.reset_epoch()
 
     def reset_epoch(self) -> None:
@@ -108,13 +109,14 @@ class PreferenceState:
 
     def accumulate(self, dist_sum: Tensor, count: Tensor) -> None:
         """Add this step's (rank-local) sums of d[., m] and of a[., m]."""
+        self.device = dist_sum.device
         self.dist_sum += dist_sum.detach().double().cpu()
         self.count += count.detach().double().cpu()
 
     def end_epoch(self, epoch: int, all_reduce: AllReduce = identity_all_reduce,
                   update: bool = True) -> dict[str, list[float] | float]:
         """All-reduce the epoch sums, grow eta, update beta; returns D, r, beta and eta."""
-        both = all_reduce(torch.cat([self.dist_sum, self.count])).double().cpu()
+        both = all_reduce(torch.cat([self.dist_sum, self.count]).to(self.device)).double().cpu()
         D, r = epoch_relative_preference(both[: self.num_modalities], both[self.num_modalities:])
         if update:
             self.eta = grow_eta(self.eta, epoch, self.eta_growth, self.eta_growth_every)
