@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..config import Config, ConfigError, save_config
 from ..data.cache import read_index, read_spec
@@ -31,6 +30,9 @@ log = logging.getLogger("passion.train")
 
 # Config sections that define what a checkpoint *is*; resuming with any of them changed is refused.
 _IDENTITY_KEYS = ("data", "model", "objective")
+# Bookkeeping fields of an iteration record that make no sense averaged over an epoch.
+_NOT_AVERAGED = {"type", "epoch", "iteration", "step", "lr", "seconds", "samples_per_s", "beta",
+                 "relative_preference", "gate", "weight"}
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -84,19 +86,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _ObjectiveStep(nn.Module):
-    """Runs the objective inside forward() so that DDP sees the whole graph of one step."""
-
-    def __init__(self, model: nn.Module, objective):
-        super().__init__()
-        self.model = model
-        self.objective = objective
-
-    def forward(self, batch: dict, epoch: int):
-        out = self.objective(self.model, batch, epoch)
-        return out.loss, out.stats
 
 
 @dataclass
@@ -204,7 +193,7 @@ class Trainer:
         return masks
 
     def _setup_model_and_objective(self) -> None:
-        from ..method import build_objective
+        from ..method import ObjectiveModule, build_objective
 
         cfg = self.cfg
         seed_everything(cfg.train.seed)
@@ -220,7 +209,7 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.objective.all_reduce = self.dist.all_reduce_sum
-        step = _ObjectiveStep(self.model, self.objective)
+        step = ObjectiveModule(self.model, self.objective)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -380,7 +369,8 @@ class Trainer:
         batch = self._to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_context(t.precision, self.device):
-            loss, stats = self.step_module(batch, epoch)
+            out = self.step_module(batch, epoch)
+        loss, stats = out.loss, out.stats
         if not torch.isfinite(loss):
             raise PassionError(f"loss became {loss.item()} at epoch {epoch} iteration {self.state.iteration}; "
                                f"try train.precision=fp32 or a lower train.lr")
@@ -415,20 +405,25 @@ class Trainer:
         log.info("epoch %d done: %s", epoch, {k: v for k, v in record.items() if not isinstance(v, dict)})
 
     def _epoch_loss_means(self, epoch: int) -> dict:
-        """Mean of the scalar per-iteration values of this epoch, read back from metrics.jsonl."""
+        """Epoch means of the per-iteration losses (scalars and per-modality objects), read back
+        from metrics.jsonl so that they survive a resume in the middle of the epoch."""
         if not self.dist.is_main:
             return {}
-        sums: dict[str, float] = {}
-        count = 0
-        for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("type") != "iter" or rec["epoch"] != epoch:
+        recs = [r for r in map(json.loads, (self.run_dir / "metrics.jsonl").read_text().splitlines())
+                if r.get("type") == "iter" and r["epoch"] == epoch]
+        if not recs:
+            return {}
+        means: dict = {}
+        for key in recs[0]:
+            if key in _NOT_AVERAGED:
                 continue
-            count += 1
-            for k, v in rec.items():
-                if k.startswith("loss") and isinstance(v, (int, float)):
-                    sums[k] = sums.get(k, 0.0) + v
-        return {f"mean_{k}": v / count for k, v in sums.items()} if count else {}
+            vals = [r[key] for r in recs if key in r]
+            if all(isinstance(v, (int, float)) for v in vals):
+                means[f"mean_{key}"] = sum(vals) / len(vals)
+            elif all(isinstance(v, dict) for v in vals):
+                mods = vals[0].keys()
+                means[f"mean_{key}"] = {m: sum(v[m] for v in vals) / len(vals) for m in mods}
+        return means
 
     def close(self) -> None:
         shutdown(self.dist)

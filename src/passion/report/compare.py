@@ -18,6 +18,8 @@ import yaml  # noqa: E402
 from ..utils import PassionError, atomic_write_text  # noqa: E402
 
 REGIONS = ("WT", "TC", "ET")
+# per-modality loss terms the objectives log on every iteration (see passion.method.objective)
+PER_MODALITY_LOSSES = ("sep", "kl", "proto")
 
 
 class RunRecord:
@@ -154,8 +156,8 @@ def _smooth(y: np.ndarray, n: int) -> np.ndarray:
 def _training_curves(runs: list[RunRecord], path: Path) -> list[str]:
     """Total loss per run and per-modality single-modality losses; returns per-modality keys found."""
     iters = {r.label: [m for m in r.metrics if m.get("type") == "iter"] for r in runs}
-    mod_keys = sorted({k for recs in iters.values() for rec in recs for k, v in rec.items()
-                       if isinstance(v, dict) and k.startswith("loss")})
+    mod_keys = [k for k in PER_MODALITY_LOSSES if any(isinstance(rec.get(k), dict)
+                                                      for recs in iters.values() for rec in recs)]
     ncols = 1 + len(mod_keys)
     fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 3.6), squeeze=False)
     ax = axes[0][0]
@@ -177,7 +179,7 @@ def _training_curves(runs: list[RunRecord], path: Path) -> list[str]:
                 x, y = np.array(pts).T
                 k = max(1, len(y) // 50)
                 ax.plot(x[len(x) - len(_smooth(y, k)):], _smooth(y, k), label=f"{r.label} {mod}")
-        ax.set_title(f"{key} per modality")
+        ax.set_title(f"{key} loss per modality")
         ax.set_xlabel("iteration")
         ax.legend(fontsize=7)
     fig.tight_layout()
