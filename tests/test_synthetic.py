@@ -111,15 +111,18 @@ def test_drop_rates_make_files_missing_but_never_all(tmp_path):
 
 def test_refuses_non_empty_output_without_force(tmp_path):
     out = tmp_path / "raw"
-    (out / "Synth_0001").mkdir(parents=True)
-    (out / "Synth_0001" / "Synth_0001_t2.nii.gz").write_text("stale")
+    assert run_cli("synth", out, "--cases", "2", "--shape", "32", "32", "32", "--workers", "1").exit_code == 0
     res = run_cli("synth", out, "--cases", "1", "--shape", "32", "32", "32")
     assert isinstance(res.exception, PassionError) and "--force" in str(res.exception)
     res = run_cli("synth", out, "--cases", "1", "--shape", "32", "32", "32", "--force",
                   "--drop-rates", "t2=0.99", "--seed", "4")
     assert res.exit_code == 0, res.output
+    assert not (out / "Synth_0002").exists()  # no mix of two phantom sets
+    info = json.loads((out / "synth.json").read_text())["case_info"][0]
     files = {p.name for p in (out / "Synth_0001").iterdir()}
-    assert "Synth_0001_seg.nii.gz" in files and not any(n.startswith(".") for n in files)
+    expected = {f"Synth_0001_{m}.nii.gz" for m, ok in zip(SPEC.suffixes, info["available"]) if ok}
+    assert files == expected | {"Synth_0001_seg.nii.gz"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("text, needle", [

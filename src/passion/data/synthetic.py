@@ -40,7 +40,9 @@ _TEMPLATES: dict | None = None
 
 # ----------------------------------------------------------------------------- templates
 def load_templates() -> dict:
-    """MNI152 T1, GM, WM, CSF and brain mask as float32 (cached: loading takes seconds)."""
+    """MNI152 T1, GM, WM and brain mask as float32 (cached: loading takes seconds).
+
+    CSF is mask - GM - WM, computed after resampling (see _resample_anatomy)."""
     global _TEMPLATES
     if _TEMPLATES is None:
         from nilearn import datasets
@@ -51,13 +53,12 @@ def load_templates() -> dict:
         wm = np.asarray(datasets.load_mni152_wm_template(resolution=2).get_fdata(), dtype=np.float32)
         t1 = np.asarray(datasets.load_mni152_template(resolution=2).get_fdata(), dtype=np.float32)
         gm, wm = np.clip(gm, 0, 1) * mask, np.clip(wm, 0, 1) * mask
-        csf = np.clip(mask - gm - wm, 0, 1)
         t1 = t1 / max(float(np.median(t1[wm > 0.8])), 1e-6)
         idx = np.argwhere(mask > 0.5)
         lo, hi = idx.min(0), idx.max(0)
         affine = np.asarray(mask_img.affine, dtype=np.float64)
         center = affine[:3, :3] @ ((lo + hi) / 2.0) + affine[:3, 3]
-        _TEMPLATES = {"t1": t1, "gm": gm, "wm": wm, "csf": csf, "mask": mask,
+        _TEMPLATES = {"t1": t1, "gm": gm, "wm": wm, "mask": mask,
                       "affine": affine, "center": center}
     return _TEMPLATES
 
@@ -99,9 +100,10 @@ def _resample_anatomy(shape: tuple[int, ...], out_affine: np.ndarray, rng: np.ra
     tpl = load_templates()
     vox = np.linalg.inv(tpl["affine"]) @ _jitter(rng, tpl["center"]) @ out_affine
     out = {}
-    for key in ("gm", "wm", "csf", "mask", "t1"):
+    for key in ("gm", "wm", "mask", "t1"):
         out[key] = ndimage.affine_transform(tpl[key], vox[:3, :3], offset=vox[:3, 3], output_shape=shape,
                                             order=1, mode="constant", cval=0.0)
+    out["csf"] = np.clip(out["mask"] - out["gm"] - out["wm"], 0, 1)  # linear interpolation commutes
     return out
 
 
@@ -297,6 +299,22 @@ def _check_args(cases: int, shape, spec: DatasetSpec, drop_rates: dict | None) -
             raise PassionError(f"drop rate for {name} must be in [0, 1), got {rate}")
 
 
+def _remove_previous_phantoms(out: Path, keep: set[str]) -> None:
+    """With --force, drop cases of an earlier synth run that this run will not rewrite,
+    so the folder never mixes two phantom sets (only folders listed in our own synth.json)."""
+    old = out / "synth.json"
+    if not old.is_file():
+        return
+    try:
+        names = [c["name"] for c in json.loads(old.read_text()).get("case_info", [])]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        names = []
+    old.unlink()
+    for name in names:
+        if name not in keep and name.startswith("Synth_") and (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
 def synthesize_dataset(out_dir: str | Path, cases: int, shape=(96, 96, 96), seed: int = 0,
                        drop_rates: dict[str, float] | None = None, spec: DatasetSpec = PRESETS["brats2020"],
                        workers: int | None = None, force: bool = False, progress_bar: bool = True) -> dict:
@@ -310,6 +328,7 @@ def synthesize_dataset(out_dir: str | Path, cases: int, shape=(96, 96, 96), seed
     if out.is_dir() and any(out.iterdir()) and not force:
         raise PassionError(f"{out} is not empty; use --force to write into it")
     out.mkdir(parents=True, exist_ok=True)
+    _remove_previous_phantoms(out, {case_name(i) for i in range(cases)})
     workers = max(1, min(int(workers or os.cpu_count() or 1), int(cases)))
     templates = load_templates()
     infos: list[dict] = []
