@@ -1,0 +1,322 @@
+"""mmFormer (Zhang et al., MICCAI 2022) as configured in the PASSION paper's public code.
+
+Architecture (defaults: base width C = 8, 4 modalities, 4 classes, 80^3 patches):
+
+- one convolutional encoder per modality, 5 scales of widths C, 2C, 4C, 8C, 16C; every stage is a
+  (strided) conv followed by a residual pair of convs. Blocks are *pre-norm*
+  (InstanceNorm without affine -> LeakyReLU(0.2) -> conv, reflect padding), the first conv is bare;
+- intra-modal transformer per modality at the bottleneck: 1x1 conv 16C -> E (E = 512), learnable
+  position embedding over the patch/16 token grid, one pre-norm block (8 heads, MLP 4096);
+- inter-modal transformer over the concatenated tokens of all modalities (absent ones zero), using
+  the concatenated per-modality position embeddings, then a 1x1 conv M*E -> M*16C;
+- fusion decoder: at each scale a 3-conv fusion block maps the stacked modality features
+  (M*C_l channels) to C_l, merged with the upsampled coarser decoder feature; deep supervision by
+  1x1 classifiers at 4 scales;
+- shared single-modality decoder (U-Net decoder over one modality's skips).
+
+Widths of the transformer follow the base width (E = 64*C, MLP = 8*E) so that tiny test models
+stay tiny; at C = 8 they are the reference's 512 / 4096.
+
+Where the reference decides per *batch* (``if mask[0, m]``: run encoder m or use zeros), this
+implementation decides per sample: encoder m runs on exactly the samples that have modality m and
+its features are zero elsewhere. The reference's T2-only distillation pass masked the bottleneck
+with the T1 mask; here ``fuse`` always takes the mask from the caller, per sample.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import register_model
+from .blocks import ConvNormAct, conv_cls, kaiming_init, norm_cls, upsample_to
+from .interface import Backbone, Features, FusedOutput
+from .transformer import PositionEmbedding, Transformer, grid_to_tokens, token_grid, tokens_to_grid
+
+NUM_SCALES = 5
+
+
+# --------------------------------------------------------------------------- conv pieces
+
+
+class PreNormConv(nn.Module):
+    """InstanceNorm (no affine) -> LeakyReLU(0.2) -> conv with reflect padding (reference prenorm)."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3):
+        super().__init__()
+        self.norm = norm_cls(dims)(in_ch, affine=False)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+        pad = kernel // 2
+        self.conv = conv_cls(dims)(in_ch, out_ch, kernel, stride=stride, padding=pad,
+                                   padding_mode="reflect" if pad else "zeros", bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(self.act(self.norm(x)))
+
+
+def prenorm_block(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3) -> nn.Module:
+    return PreNormConv(in_ch, out_ch, kernel, stride, dims)
+
+
+def postnorm_block(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3) -> nn.Module:
+    """conv -> InstanceNorm (no affine) -> LeakyReLU(0.2): the reference ``general_conv3d``."""
+    return ConvNormAct(in_ch, out_ch, kernel, stride=stride, dims=dims, affine=False)
+
+
+class ModalityEncoder(nn.Module):
+    """Five-scale residual encoder of one modality: widths w, 2w, 4w, 8w, 16w.
+
+    Stage l: ``y = c1(x)`` (stride 2 for l > 1), ``y = y + c3(c2(y))``. `block` builds the convs;
+    the first conv is `first` (a bare conv in mmFormer, a block in M2FTrans).
+    """
+
+    def __init__(self, width: int, dims: int, block, first: nn.Module):
+        super().__init__()
+        self.stages = nn.ModuleList()
+        in_ch = width
+        for level in range(NUM_SCALES):
+            out_ch = width * 2 ** level
+            c1 = first if level == 0 else block(in_ch, out_ch, 3, 2, dims)
+            self.stages.append(nn.ModuleList([c1, block(out_ch, out_ch, 3, 1, dims),
+                                              block(out_ch, out_ch, 3, 1, dims)]))
+            in_ch = out_ch
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        feats = []
+        for c1, c2, c3 in self.stages:
+            x = c1(x)
+            x = x + c3(c2(x))
+            feats.append(x)
+        return feats
+
+
+class SeparateDecoder(nn.Module):
+    """The shared single-modality decoder (reference ``Decoder_sep``); returns logits."""
+
+    def __init__(self, width: int, num_classes: int, dims: int, block):
+        super().__init__()
+        self.ups = nn.ModuleList()  # level l (0-based, finest 0): up-conv from 2w to w, merge, 1x1
+        for level in range(NUM_SCALES - 1):
+            w = width * 2 ** level
+            self.ups.append(nn.ModuleList([block(2 * w, w, 3, 1, dims), block(2 * w, w, 3, 1, dims),
+                                           block(w, w, 1, 1, dims)]))
+        self.seg = conv_cls(dims)(width, num_classes, 1)
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        x = feats[-1]
+        for level in reversed(range(NUM_SCALES - 1)):
+            c1, c2, out = self.ups[level]
+            skip = feats[level]
+            x = c1(upsample_to(x, skip))
+            x = out(c2(torch.cat((x, skip), dim=1)))
+        return self.seg(x)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def check_config(num_modalities: int, num_classes: int, base_width: int, patch_size, spatial_dims: int,
+                 ) -> tuple[int, ...]:
+    """Validate the generic options; returns the bottleneck token grid."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) != spatial_dims:
+        raise ValueError(f"patch_size {patch} has {len(patch)} axes but spatial_dims is {spatial_dims}")
+    if num_modalities < 1 or num_classes < 2 or base_width < 1:
+        raise ValueError(f"need num_modalities >= 1, num_classes >= 2, base_width >= 1; got "
+                         f"{num_modalities}, {num_classes}, {base_width}")
+    return token_grid(patch, 2 ** (NUM_SCALES - 1))
+
+
+def check_input(x: Tensor, mask: Tensor, num_modalities: int, patch: tuple[int, ...]) -> Tensor:
+    if x.dim() != len(patch) + 2 or x.shape[1] != num_modalities:
+        raise ValueError(f"expected images [B, {num_modalities}, *{patch}], got {tuple(x.shape)}")
+    if tuple(x.shape[2:]) != patch:
+        raise ValueError(f"input spatial size {tuple(x.shape[2:])} differs from the patch_size {patch} "
+                         f"the position embeddings were built for")
+    if tuple(mask.shape) != (x.shape[0], num_modalities):
+        raise ValueError(f"mask must be [B, M] = [{x.shape[0]}, {num_modalities}], got {tuple(mask.shape)}")
+    return mask.to(dtype=torch.bool, device=x.device)
+
+
+def scatter_batch(t: Tensor, index: Tensor | None, batch: int) -> Tensor:
+    """Put rows of t (computed for samples `index`) into a zero tensor of `batch` rows."""
+    if index is None:
+        return t
+    return t.new_zeros((batch,) + tuple(t.shape[1:])).index_copy(0, index, t)
+
+
+def run_per_modality(fn, x: Tensor, mask: Tensor) -> list[list[Tensor]]:
+    """Apply fn(m, x_m) -> list of tensors on the samples that have modality m; zeros elsewhere.
+
+    Returns, per modality, the list scattered back to the full batch. A modality that no sample
+    has gets zeros shaped (and typed, e.g. under autocast) like another modality's output.
+    """
+    batch = x.shape[0]
+    out: list = []
+    for m in range(mask.shape[1]):
+        sel = mask[:, m]
+        if bool(sel.all()):
+            out.append(fn(m, x[:, m:m + 1]))
+        elif not bool(sel.any()):
+            out.append(None)
+        else:
+            index = sel.nonzero().squeeze(1)
+            out.append([scatter_batch(t, index, batch) for t in fn(m, x[index, m:m + 1])])
+    ref = next((o for o in out if o is not None), None)
+    if ref is None:
+        raise ValueError("every sample of the batch has no available modality")
+    return [o if o is not None else [torch.zeros_like(t) for t in ref] for o in out]
+
+
+def decode_available(decoder: nn.Module, features: Features, mask: Tensor | None, num_classes: int) -> Tensor:
+    """Run the shared decoder once on all available (b, m) pairs; zeros for the others."""
+    first = features.scales[0]
+    batch, mods = first.shape[:2]
+    if mask is None:
+        mask = torch.ones(batch, mods, dtype=torch.bool, device=first.device)
+    b, m = mask.to(device=first.device, dtype=torch.bool).nonzero(as_tuple=True)
+    shape = (batch, mods, num_classes) + tuple(first.shape[3:])
+    if b.numel() == 0:
+        return first.new_zeros(shape)
+    logits = decoder([s[b, m] for s in features.scales])
+    return logits.new_zeros(shape).index_put((b, m), logits)
+
+
+# --------------------------------------------------------------------------- mmFormer
+
+
+class FusionBlock(nn.Sequential):
+    """Reference ``fusion_prenorm``: (M*w -> w, 1x1), (w -> w, 3x3), (w -> w, 1x1), pre-norm.
+
+    The reference sizes the input with ``num_cls`` (4 = number of classes), which is really the
+    number of modalities; here it is the number of modalities.
+    """
+
+    def __init__(self, in_ch: int, width: int, dims: int):
+        super().__init__(prenorm_block(in_ch, width, 1, 1, dims), prenorm_block(width, width, 3, 1, dims),
+                         prenorm_block(width, width, 1, 1, dims))
+
+
+class MMFormerFusionDecoder(nn.Module):
+    """Reference ``Decoder_fuse``: fusion blocks per scale, U-Net merge, deep supervision."""
+
+    def __init__(self, width: int, num_modalities: int, num_classes: int, dims: int):
+        super().__init__()
+        conv = conv_cls(dims)
+        widths = [width * 2 ** level for level in range(NUM_SCALES)]
+        self.fusion = nn.ModuleList(FusionBlock(num_modalities * w, w, dims) for w in widths)
+        # level l < 4: c1 maps the upsampled level-(l+1) feature 2w -> w; c2 merges; out is 1x1
+        self.up_convs = nn.ModuleList(prenorm_block(2 * w, w, 3, 1, dims) for w in widths[:-1])
+        self.merge = nn.ModuleList(prenorm_block(2 * w, w, 3, 1, dims) for w in widths[:-1])
+        self.outs = nn.ModuleList(prenorm_block(w, w, 1, 1, dims) for w in widths[:-1])
+        # deep supervision on the decoder features of levels 1..4 (coarser than the output)
+        self.aux_heads = nn.ModuleList(conv(w, num_classes, 1) for w in widths[1:])
+        self.seg = conv(width, num_classes, 1)
+
+    def forward(self, skips: Sequence[Tensor], bottleneck: Tensor) -> FusedOutput:
+        """skips: stacked modality features [B, M*C_l, ...] of levels 0..3; bottleneck [B, M*16C, *grid]."""
+        feats = [None] * NUM_SCALES
+        feats[-1] = self.fusion[-1](bottleneck)
+        for level in reversed(range(NUM_SCALES - 1)):
+            up = self.up_convs[level](upsample_to(feats[level + 1], skips[level]))
+            merged = torch.cat((self.fusion[level](skips[level]), up), dim=1)
+            feats[level] = self.outs[level](self.merge[level](merged))
+        aux = [head(f) for head, f in zip(self.aux_heads, feats[1:])]
+        return FusedOutput(logits=self.seg(feats[0]), aux_logits=aux, decoder_features=feats)
+
+
+@register_model("mmformer")
+class MMFormer(Backbone):
+    """mmFormer behind the backbone contract.
+
+    Features.scales: the 5 per-modality conv scales [B, M, C_l, ...] (zero where absent);
+    Features.extra["intra"]: the intra-modal transformer output [B, M, E, *grid] (zero where absent).
+
+    Options: transformer_dim (E, default 64*base_width), mlp_dim (default 8*E), num_heads (8),
+    depth (1), dropout (0.1), token_layout ("reference" | "spatial", see ``fuse``).
+    """
+
+    def __init__(self, num_modalities: int = 4, num_classes: int = 4, base_width: int = 8,
+                 patch_size: Sequence[int] = (80, 80, 80), spatial_dims: int = 3,
+                 transformer_dim: int | None = None, mlp_dim: int | None = None, num_heads: int = 8,
+                 depth: int = 1, dropout: float = 0.1, token_layout: str = "reference"):
+        super().__init__()
+        self.grid = check_config(num_modalities, num_classes, base_width, patch_size, spatial_dims)
+        if token_layout not in ("reference", "spatial"):
+            raise ValueError(f"token_layout must be 'reference' or 'spatial', got {token_layout!r}")
+        self.num_modalities, self.num_classes, self.spatial_dims = num_modalities, num_classes, spatial_dims
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.token_layout = token_layout
+        dim = int(transformer_dim or 64 * base_width)
+        mlp = int(mlp_dim or 8 * dim)
+        self.transformer_dim = dim
+        conv = conv_cls(spatial_dims)
+        bottom = 16 * base_width
+
+        self.encoders = nn.ModuleList(
+            ModalityEncoder(base_width, spatial_dims, prenorm_block, conv(1, base_width, 3, padding=1,
+                                                                            padding_mode="reflect"))
+            for _ in range(num_modalities))
+        self.token_convs = nn.ModuleList(conv(bottom, dim, 1) for _ in range(num_modalities))
+        self.pos = nn.ModuleList(PositionEmbedding.for_grid(self.grid, dim) for _ in range(num_modalities))
+        self.intra_transformers = nn.ModuleList(Transformer(dim, depth, num_heads, mlp, dropout)
+                                                for _ in range(num_modalities))
+        self.inter_transformer = Transformer(dim, depth, num_heads, mlp, dropout)
+        self.inter_conv = conv(num_modalities * dim, num_modalities * bottom, 1)
+        self.decoder_fuse = MMFormerFusionDecoder(base_width, num_modalities, num_classes, spatial_dims)
+        self.decoder_sep = SeparateDecoder(base_width, num_classes, spatial_dims, prenorm_block)
+        kaiming_init(self)
+
+    def modality_parameters(self, m: int) -> list[nn.Parameter]:
+        """Parameters used only for modality m (encoder, token conv, intra-modal transformer).
+
+        The position embedding of m is excluded: the inter-modal transformer adds every modality's
+        embedding even to absent (zero) tokens, as the reference does.
+        """
+        return [*self.encoders[m].parameters(), *self.token_convs[m].parameters(),
+                *self.intra_transformers[m].parameters()]
+
+    def _encode_one(self, m: int, x: Tensor) -> list[Tensor]:
+        feats = self.encoders[m](x)
+        tokens = grid_to_tokens(self.token_convs[m](feats[-1]))
+        intra = self.intra_transformers[m](tokens, self.pos[m]())
+        return feats + [tokens_to_grid(intra, self.grid)]
+
+    def encode(self, x: Tensor, mask: Tensor) -> Features:
+        mask = check_input(x, mask, self.num_modalities, self.patch_size)
+        x = self.zero_unavailable(x, mask)
+        per_mod = run_per_modality(self._encode_one, x, mask)
+        stacked = [torch.stack([f[i] for f in per_mod], dim=1) for i in range(NUM_SCALES + 1)]
+        return Features(scales=stacked[:NUM_SCALES], extra={"intra": stacked[NUM_SCALES]})
+
+    def fuse(self, features: Features, mask: Tensor) -> FusedOutput:
+        """Fusion decoder under a per-sample mask.
+
+        Absent modalities' skips and intra-modal tokens are zeroed per sample. The inter-modal
+        transformer attends over all M*N tokens without an attention mask: the reference zeroes the
+        absent tokens (which then carry only their position embedding) rather than masking them,
+        and this implementation does the same, per sample.
+
+        token_layout: the reference turns the [B, M*N, E] token sequence back into a grid with a
+        plain ``view(B, *grid, M*E)``, so grid cell n holds tokens M*n .. M*n+M-1 of the
+        modality-major sequence (not the M tokens of location n). "reference" reproduces that
+        exactly (default, for faithful reproduction); "spatial" stacks the M tokens of each location.
+        """
+        mask = mask.to(dtype=torch.bool, device=features.scales[0].device)
+        skips = [self.zero_unavailable(s, mask).flatten(1, 2) for s in features.scales[:NUM_SCALES - 1]]
+        intra = self.zero_unavailable(features.extra["intra"], mask)  # [B, M, E, *grid]
+        batch, mods, dim = intra.shape[:3]
+        tokens = intra.flatten(3).transpose(2, 3).reshape(batch, -1, dim)  # modality-major
+        pos = torch.cat([p() for p in self.pos], dim=1)
+        out = self.inter_transformer(tokens, pos)
+        if self.token_layout == "reference":
+            grid = out.reshape(batch, *self.grid, mods * dim).movedim(-1, 1)
+        else:
+            grid = out.reshape(batch, mods, -1, dim).transpose(2, 3).reshape(batch, mods * dim, *self.grid)
+        return self.decoder_fuse(skips, self.inter_conv(grid.contiguous()))
+
+    def decode_single(self, features: Features, mask: Tensor | None = None) -> Tensor:
+        return decode_available(self.decoder_sep, features, mask, self.num_classes)
