@@ -221,7 +221,6 @@ def prepare_dataset(raw_dir: str | Path, cache_dir: str | Path, spec: DatasetSpe
     cache_dir = Path(cache_dir)
     cases = discover_cases(raw_dir, spec)
     _check_cache_spec(cache_dir, spec)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     entries: dict[str, dict] = {}
     todo = []
     for files in cases:
