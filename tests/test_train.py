@@ -1,0 +1,173 @@
+"""Trainer: run directory contract, exact resume after SIGKILL, config errors before training."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from passion.config import ConfigError, load_config
+from passion.engine.checkpoint import load_checkpoint
+from passion.engine.trainer import train
+from passion.utils import PassionError
+
+PASSION_BIN = Path(sys.executable).with_name("passion")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory, synth_raw_dir):
+    """A cache of the three 32^3 phantoms and an idt split: 2 training cases, 1 test case."""
+    from passion.data.preprocess import prepare_dataset
+    from passion.data.splits import make_split
+    from passion.data.spec import get_spec
+
+    root = tmp_path_factory.mktemp("train_data")
+    spec = get_spec("brats2020")
+    prepare_dataset(synth_raw_dir, root / "cache", spec, min_size=32, progress=False)
+    # t2 missing in half the training cases, the rest complete: every modality is present somewhere
+    make_split(root / "cache", root / "split", val=0.0, test=0.34, seed=5,
+               missing_rates=[0.0, 0.0, 0.0, 0.5])
+    return root
+
+
+def tiny_overrides(data: Path, run_dir: Path, objective: str = "passion", **extra) -> list[str]:
+    items = {
+        "run_dir": run_dir, "data.cache": data / "cache", "data.split": data / "split",
+        "model.name": "rfnet", "model.patch_size": 16, "model.base_width": 4,
+        "objective.name": objective, "train.epochs": 2, "train.iters_per_epoch": 3,
+        "train.precision": "fp32", "train.device": "cpu", "train.threads": 1, "train.lr": 1e-3,
+        "train.seed": 7, "data.workers": 0,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def _config_file(tmp_path: Path, overrides: list[str]) -> Path:
+    from passion.config import apply_overrides
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(apply_overrides({}, overrides), default=str))))
+    return path
+
+
+def _iter_records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_run_directory_contract(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config(None, tiny_overrides(tiny_data, run))
+    train(cfg)
+    assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 6
+    recs = _iter_records(run)
+    iters = [r for r in recs if r["type"] == "iter"]
+    epochs = [r for r in recs if r["type"] == "epoch"]
+    assert [r["step"] for r in iters] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    for rec in epochs:
+        assert set(rec["beta"]) == {"flair", "t1ce", "t1", "t2"}
+        assert set(rec["relative_preference"]) == {"flair", "t1ce", "t1", "t2"}
+        assert abs(sum(v * v for v in rec["beta"].values()) - 4.0) < 1e-4  # renormalised to sqrt(M)
+    for key in ("loss", "fuse", "aux", "sep", "kl", "proto", "distance", "gate", "lr", "samples_per_s"):
+        assert key in iters[0], key
+    # poly schedule per epoch
+    assert iters[0]["lr"] == pytest.approx(1e-3)
+    assert iters[3]["lr"] == pytest.approx(1e-3 * 0.5 ** 0.9)
+    # a second start in the same run directory is refused
+    with pytest.raises(PassionError, match="--resume"):
+        train(cfg)
+
+
+def test_sigkill_and_resume_gives_the_same_weights_and_metrics(tiny_data, tmp_path):
+    reference = tmp_path / "reference"
+    train(load_config(None, tiny_overrides(tiny_data, reference, **{"train.checkpoint_every_iters": 1})))
+
+    killed = tmp_path / "killed"
+    cfg_file = _config_file(tmp_path, tiny_overrides(tiny_data, killed, **{"train.checkpoint_every_iters": 1}))
+    proc = subprocess.Popen([str(PASSION_BIN), "train", "--config", str(cfg_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:  # kill once mid-way into epoch 0/1
+            ckpt = killed / "checkpoints" / "last.pt"
+            if ckpt.is_file() and any(r.get("step", 0) >= 2 for r in _safe_records(killed)):
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done_before = load_checkpoint(killed / "checkpoints" / "last.pt")["step"]
+    assert done_before < 6
+
+    train(load_config(killed / "config.yaml", [f"run_dir={killed}"]), resume=True)
+
+    a = load_checkpoint(reference / "checkpoints" / "last.pt")
+    b = load_checkpoint(killed / "checkpoints" / "last.pt")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["objective"] == b["objective"]
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")} for r in recs]
+    assert strip(_iter_records(reference)) == strip(_iter_records(killed))
+
+
+def _safe_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def test_resume_with_a_different_model_is_refused(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(tiny_data, run, **{"train.epochs": 1, "train.iters_per_epoch": 1})))
+    cfg = load_config(run / "config.yaml", [f"run_dir={run}", "model.base_width=8"])
+    with pytest.raises(PassionError, match="different model config.*model.base_width"):
+        train(cfg, resume=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=unet9000", "unknown model 'unet9000'"),
+    ("objective.name=magic", "objective.name must be one of"),
+    ("data.setting=sometimes", "data.setting must be one of"),
+    ("train.lr=-0.1", "train.lr must be a positive number"),
+    ("model.patch_size=64", "larger than case"),
+])
+def test_bad_config_fails_before_training_with_one_line(tiny_data, tmp_path, override, message):
+    run = tmp_path / "run"
+    cfg_file = _config_file(tmp_path, tiny_overrides(tiny_data, run) + [override])
+    res = subprocess.run([str(PASSION_BIN), "train", "--config", str(cfg_file)], capture_output=True, text=True)
+    assert res.returncode == 1
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert not (run / "checkpoints").exists()
+
+
+def test_modality_absent_from_every_training_case_is_a_config_error(tiny_data, tmp_path):
+    from passion.data.splits import make_split
+
+    split = tmp_path / "split_no_t2"
+    make_split(tiny_data / "cache", split, val=0.0, test=0.34, seed=5, missing_rates=[0.0, 0.0, 0.0, 0.0])
+    table = split / "train_missing.csv"
+    lines = table.read_text().splitlines()
+    rows = [lines[0]] + [line.split(",")[0] + ',10,"[True, True, True, False]","[1, 2, 3, 5, 6, 9, 10]"'
+                         for line in lines[1:]]
+    table.write_text("\n".join(rows) + "\n")
+    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path / "run", **{"data.split": split}))
+    with pytest.raises(ConfigError, match="modality 't2' is present in no training case"):
+        train(cfg)
