@@ -33,8 +33,9 @@ def _load_builtins() -> None:
 
 
 def list_models() -> list[str]:
+    """Registered backbone names; names starting with '_' (test-only registrations) are hidden."""
     _load_builtins()
-    return sorted(_REGISTRY)
+    return sorted(n for n in _REGISTRY if not n.startswith("_"))
 
 
 def build_model(name: str, **cfg) -> Backbone:
