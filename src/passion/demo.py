@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import load_config
 from .data.spec import get_spec
+from .utils import PassionError
 
 # mr2468: nominal missing rates of the paper's main setting, per BraTS modality.
 MR2468 = {"flair": 0.6, "t1ce": 0.4, "t1": 0.2, "t2": 0.8}
@@ -38,8 +39,8 @@ BUDGETS = {
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo_cpu.yaml"
 
 
-def run_demo(out: str | Path = "runs/demo", budget: str = "quick", model: str = "rfnet", seed: int = 1037,
-             log=print) -> Path:
+def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", model: str = "rfnet",
+             seed: int = 1037, log=print, overrides: list[str] | None = None) -> Path:
     """Run the whole demo under `out`; returns the path of the comparison report."""
     from .data.preprocess import prepare_dataset
     from .data.splits import make_split
@@ -48,16 +49,19 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "quick", model: str = 
     from .engine.trainer import train
     from .report.compare import write_comparison_report
 
-    if budget not in BUDGETS:
-        raise ValueError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
-    b = BUDGETS[budget]
+    if isinstance(budget, Budget):
+        b = budget
+    elif budget in BUDGETS:
+        b = BUDGETS[budget]
+    else:
+        raise PassionError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
     out = Path(out)
     spec = get_spec("brats2020")
     raw, cache, split = out / "raw", out / "cache", out / "split"
 
     if not (raw / "synth.json").is_file():
         log(f"[1/6] synthesising {b.cases} phantoms of {b.shape} in {raw}")
-        synthesize_dataset(raw, cases=b.cases, shape=b.shape, seed=seed, spec=spec)
+        synthesize_dataset(raw, cases=b.cases, shape=b.shape, seed=seed, spec=spec, force=True)
     log(f"[2/6] preparing the cache in {cache}")
     prepare_dataset(raw, cache, spec, min_size=b.min_size)
     if not (split / "split.json").is_file():
@@ -68,14 +72,14 @@ def run_demo(out: str | Path = "runs/demo", budget: str = "quick", model: str = 
     runs = []
     for step, objective in ((4, "baseline"), (5, "passion")):
         run_dir = out / objective
-        overrides = [
+        run_overrides = [
             f"run_dir={run_dir}", f"data.cache={cache}", f"data.split={split}", f"model.name={model}",
             f"model.patch_size={b.patch}", f"objective.name={objective}", f"train.epochs={b.epochs}",
             f"train.seed={seed}",
         ]
         if b.iters_per_epoch:
-            overrides.append(f"train.iters_per_epoch={b.iters_per_epoch}")
-        cfg = load_config(DEMO_CONFIG, overrides)
+            run_overrides.append(f"train.iters_per_epoch={b.iters_per_epoch}")
+        cfg = load_config(DEMO_CONFIG, run_overrides + list(overrides or []))
         if not _finished(run_dir, b.epochs):
             resume = (run_dir / "checkpoints" / "last.pt").is_file()
             log(f"[{step}/6] training {model} with the {objective} objective ({b.epochs} epochs)"

@@ -263,7 +263,7 @@ def write_comparison_report(run_dirs: list[str | Path], out_dir: str | Path, spl
     conv = runs[0].results.get("conventions", {})
     parts = [f"# PASSION comparison report\n",
              f"Runs (first = reference for Δ): " + ", ".join(f"`{r.label}` ({r.dir})" for r in runs) + "\n",
-             f"Evaluated on split `{split}`, {runs[0].results.get('cases', '?')} cases, {len(names)} modality subsets. "
+             f"Evaluated on split `{split}`, {_count(runs[0].results.get('cases'))} cases, {len(names)} modality subsets. "
              f"Conventions: {json.dumps(conv)}\n",
              "## Mean over subsets\n", _mean_table(runs), "",
              "## Dice per subset (higher is better, best in bold)\n", _comparison_table(runs, "dice"), "",
@@ -294,3 +294,10 @@ def _mean_table(runs: list[RunRecord]) -> str:
         cells += [_fmt(hd[k, j], len(runs) > 1 and k == int(np.argmin(hd[:, j]))) for j in range(len(REGIONS))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _count(cases) -> str:
+    """results.json lists the evaluated cases; older files may hold just their number."""
+    if isinstance(cases, (list, tuple)):
+        return str(len(cases))
+    return "?" if cases is None else str(cases)
