@@ -375,8 +375,12 @@ class Trainer:
             raise PassionError(f"loss became {loss.item()} at epoch {epoch} iteration {self.state.iteration}; "
                                f"try train.precision=fp32 or a lower train.lr")
         self.scaler.scale(loss).backward()
-        if t.grad_clip:
+        after_backward = getattr(self.objective, "after_backward", None)
+        if t.grad_clip or after_backward is not None:
             self.scaler.unscale_(self.optimizer)
+        if after_backward is not None:  # gradient-modulating objectives (e.g. OGM-GE)
+            stats = {**stats, **(after_backward(self.model, epoch) or {})}
+        if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
