@@ -113,6 +113,7 @@ def make_run(root, cache=None, names=("c1", "c2")):
 def _check_reuse_equals_forward(model, x, atol=1e-5):
     subsets = SPEC.subsets()
     reuse = SubsetPredictor(model, subsets)(x)
+    torch.testing.assert_close(SubsetPredictor(model, subsets, fuse_batch=4)(x), reuse, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         ref = torch.cat([torch.softmax(model(x, torch.tensor(s).expand(x.shape[0], -1)), 1) for s in subsets], 1)
     assert reuse.shape == ref.shape == (x.shape[0], 15 * 4, *x.shape[2:])
@@ -143,6 +144,8 @@ def test_predict_subsets_sliding_window_and_chunks():
     reuse = predict_subsets(model, image, subsets, **kw)
     naive = predict_subsets(model, image, subsets, reuse_features=False, **kw)
     chunked = predict_subsets(model, image, subsets, subset_chunk=4, **kw)
+    batched = predict_subsets(model, image, subsets, fuse_batch=None, **kw)
+    torch.testing.assert_close(reuse, batched, atol=1e-5, rtol=1e-4)
     assert reuse.shape == (15, 4, 21, 19, 24)
     torch.testing.assert_close(reuse, naive, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(reuse, chunked, atol=1e-6, rtol=0)

@@ -23,6 +23,8 @@ def evaluate(
     cache: Optional[Path] = typer.Option(None, "--cache", help="Use this cache instead of the run's."),
     subset_chunk: Optional[int] = typer.Option(None, "--subset-chunk",
                                                help="Subsets per sliding-window pass (bounds memory)."),
+    fuse_batch: Optional[int] = typer.Option(None, "--fuse-batch",
+                                             help="Subsets per fusion call (default 5; fewer saves memory, more is faster)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing evaluation."),
     show_progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -32,7 +34,7 @@ def evaluate(
 
     res = run_evaluation(run_dir, checkpoint=checkpoint, split=split, subsets=subsets, overlap=overlap,
                          precision=precision, device=device, out_dir=out, progress=show_progress, cache=cache,
-                         subset_chunk=subset_chunk, overwrite=overwrite)
+                         subset_chunk=subset_chunk, fuse_batch=fuse_batch, overwrite=overwrite)
     typer.echo(subset_table(res))
     dest = out or Path(res["run_dir"]) / "eval" / res["split"]
     typer.echo(f"results: {dest}/results.json (table: results.md, heatmap: heatmap.png, per case: per_case.csv)")

@@ -165,17 +165,18 @@ def _markdown(results: dict) -> str:
 def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test", subsets: str | Sequence = "all",
              overlap: float | None = None, precision: str | None = None, device: str | None = None,
              out_dir: str | Path | None = None, progress: bool = True, *, cases: Sequence[str] | None = None,
-             cache: str | Path | None = None, subset_chunk: int | None = None, sw_batch_size: int | None = None,
-             overwrite: bool = False) -> dict:
+             cache: str | Path | None = None, subset_chunk: int | None = None, fuse_batch: int | None = None,
+             sw_batch_size: int | None = None, overwrite: bool = False) -> dict:
     """Evaluate a run's checkpoint on every case of `split` for each modality subset.
 
     Returns the results dict (also written to OUT/results.json, OUT = RUN_DIR/eval/<split> by default).
     `subsets`: 'all' or e.g. 'flair+t1ce,t2'; `cases`/`cache` override the split's case list and the
-    run's cache; `subset_chunk` bounds memory (subsets per sliding-window pass).
+    run's cache; `fuse_batch` (subsets per fusion call, default 5) and `subset_chunk` (subsets per
+    sliding-window pass) trade memory for speed, see engine.inference.predict_subsets.
     """
     from ..data.cache import read_case
     from ..utils import progress as progress_bar
-    from .inference import predict_subsets, resolve_device
+    from .inference import DEFAULT_FUSE_BATCH, predict_subsets, resolve_device
 
     start = time.time()
     run_path = _run_dir_of(Path(run_dir))
@@ -222,7 +223,8 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
                                        f"{spec.subset_name(mask)}; evaluate on complete cases or pick --subsets")
             bar.set_status(f"{name}: inference")
             probs = predict_subsets(model, case.image, masks, roi_size=roi, available=avail, overlap=overlap,
-                                    sw_batch_size=sw, device=dev, precision=precision, subset_chunk=subset_chunk)
+                                    sw_batch_size=sw, device=dev, precision=precision, subset_chunk=subset_chunk,
+                                    fuse_batch=fuse_batch or DEFAULT_FUSE_BATCH)
             classes = probs.argmax(dim=1).cpu().numpy().astype(np.uint8)
             del probs
             label = np.asarray(case.label)
