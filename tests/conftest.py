@@ -12,3 +12,19 @@ def synth_raw_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth_raw") / "raw"
     synthesize_dataset(out, cases=3, shape=(32, 32, 32), seed=3, workers=1, progress_bar=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, synth_raw_dir):
+    """A cache of the three 32^3 phantoms and an idt split: 2 training cases, 1 test case."""
+    from passion.data.preprocess import prepare_dataset
+    from passion.data.splits import make_split
+    from passion.data.spec import get_spec
+
+    root = tmp_path_factory.mktemp("train_data")
+    spec = get_spec("brats2020")
+    prepare_dataset(synth_raw_dir, root / "cache", spec, min_size=32, progress=False)
+    # t2 missing in half the training cases, the rest complete: every modality is present somewhere
+    make_split(root / "cache", root / "split", val=0.0, test=0.34, seed=5,
+               missing_rates=[0.0, 0.0, 0.0, 0.5])
+    return root

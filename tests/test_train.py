@@ -18,43 +18,9 @@ from passion.engine.checkpoint import load_checkpoint
 from passion.engine.trainer import train
 from passion.utils import PassionError
 
+from training_helpers import config_file, safe_records, tiny_overrides
+
 PASSION_BIN = Path(sys.executable).with_name("passion")
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory, synth_raw_dir):
-    """A cache of the three 32^3 phantoms and an idt split: 2 training cases, 1 test case."""
-    from passion.data.preprocess import prepare_dataset
-    from passion.data.splits import make_split
-    from passion.data.spec import get_spec
-
-    root = tmp_path_factory.mktemp("train_data")
-    spec = get_spec("brats2020")
-    prepare_dataset(synth_raw_dir, root / "cache", spec, min_size=32, progress=False)
-    # t2 missing in half the training cases, the rest complete: every modality is present somewhere
-    make_split(root / "cache", root / "split", val=0.0, test=0.34, seed=5,
-               missing_rates=[0.0, 0.0, 0.0, 0.5])
-    return root
-
-
-def tiny_overrides(data: Path, run_dir: Path, objective: str = "passion", **extra) -> list[str]:
-    items = {
-        "run_dir": run_dir, "data.cache": data / "cache", "data.split": data / "split",
-        "model.name": "rfnet", "model.patch_size": 16, "model.base_width": 4,
-        "objective.name": objective, "train.epochs": 2, "train.iters_per_epoch": 3,
-        "train.precision": "fp32", "train.device": "cpu", "train.threads": 1, "train.lr": 1e-3,
-        "train.seed": 7, "data.workers": 0,
-    }
-    items.update(extra)
-    return [f"{k}={v}" for k, v in items.items()]
-
-
-def _config_file(tmp_path: Path, overrides: list[str]) -> Path:
-    from passion.config import apply_overrides
-
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(json.loads(json.dumps(apply_overrides({}, overrides), default=str))))
-    return path
 
 
 def _iter_records(run_dir: Path) -> list[dict]:
@@ -92,14 +58,14 @@ def test_sigkill_and_resume_gives_the_same_weights_and_metrics(tiny_data, tmp_pa
     train(load_config(None, tiny_overrides(tiny_data, reference, **{"train.checkpoint_every_iters": 1})))
 
     killed = tmp_path / "killed"
-    cfg_file = _config_file(tmp_path, tiny_overrides(tiny_data, killed, **{"train.checkpoint_every_iters": 1}))
+    cfg_file = config_file(tmp_path, tiny_overrides(tiny_data, killed, **{"train.checkpoint_every_iters": 1}))
     proc = subprocess.Popen([str(PASSION_BIN), "train", "--config", str(cfg_file)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:  # kill once mid-way into epoch 0/1
             ckpt = killed / "checkpoints" / "last.pt"
-            if ckpt.is_file() and any(r.get("step", 0) >= 2 for r in _safe_records(killed)):
+            if ckpt.is_file() and any(r.get("step", 0) >= 2 for r in safe_records(killed)):
                 break
             time.sleep(0.05)
     finally:
@@ -121,18 +87,6 @@ def test_sigkill_and_resume_gives_the_same_weights_and_metrics(tiny_data, tmp_pa
     assert strip(_iter_records(reference)) == strip(_iter_records(killed))
 
 
-def _safe_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
-
-
 def test_resume_with_a_different_model_is_refused(tiny_data, tmp_path):
     run = tmp_path / "run"
     train(load_config(None, tiny_overrides(tiny_data, run, **{"train.epochs": 1, "train.iters_per_epoch": 1})))
@@ -150,7 +104,7 @@ def test_resume_with_a_different_model_is_refused(tiny_data, tmp_path):
 ])
 def test_bad_config_fails_before_training_with_one_line(tiny_data, tmp_path, override, message):
     run = tmp_path / "run"
-    cfg_file = _config_file(tmp_path, tiny_overrides(tiny_data, run) + [override])
+    cfg_file = config_file(tmp_path, tiny_overrides(tiny_data, run) + [override])
     res = subprocess.run([str(PASSION_BIN), "train", "--config", str(cfg_file)], capture_output=True, text=True)
     assert res.returncode == 1
     lines = [line for line in res.stderr.splitlines() if line.strip()]

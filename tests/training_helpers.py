@@ -1,0 +1,39 @@
+"""Helpers shared by the training tests (tiny rfnet runs on the conftest phantoms)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+
+def tiny_overrides(data: Path, run_dir: Path, objective: str = "passion", **extra) -> list[str]:
+    items = {
+        "run_dir": run_dir, "data.cache": data / "cache", "data.split": data / "split",
+        "model.name": "rfnet", "model.patch_size": 16, "model.base_width": 4,
+        "objective.name": objective, "train.epochs": 2, "train.iters_per_epoch": 3,
+        "train.precision": "fp32", "train.device": "cpu", "train.threads": 1, "train.lr": 1e-3,
+        "train.seed": 7, "data.workers": 0,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def config_file(tmp_path: Path, overrides: list[str]) -> Path:
+    from passion.config import apply_overrides
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(apply_overrides({}, overrides), default=str))))
+    return path
+
+
+def safe_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return out
