@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2)")
     ap.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds per (model, precision) run before it is reported as timed out")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -105,13 +107,17 @@ def main(argv=None) -> int:
                    "--size", str(args.size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode:
-                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                results.append({"model": name, "precision": prec, "error": err})
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                results.append({"model": name, "precision": prec, "error": f"timed out after {args.timeout} s"})
             else:
-                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"{name} {prec}: done", file=sys.stderr, flush=True)
+                if proc.returncode:
+                    err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                    results.append({"model": name, "precision": prec, "error": err})
+                else:
+                    results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # progress, one line per run
     print(json.dumps(results, indent=2))
     return 0
 
