@@ -35,6 +35,21 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+def apply_threads(threads: int | None) -> None:
+    """Intra-op CPU threads from the config (train.threads); None leaves PyTorch's default."""
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+def inference_precision(explicit: str | None, configured: str, device: torch.device) -> str:
+    """The explicit choice wins; a training precision of fp16 becomes fp32 on a CPU (no fp16 there)."""
+    if explicit:
+        return explicit
+    if configured == "fp16" and device.type != "cuda":
+        return "fp32"
+    return configured or "fp32"
+
+
 def autocast(device: torch.device, precision: str = "fp32"):
     """Autocast context for inference: fp32 (none), bf16 (CPU or CUDA), fp16 (CUDA only)."""
     if precision not in PRECISIONS:

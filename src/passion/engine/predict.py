@@ -185,7 +185,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
     from ..data.preprocess import preprocess_images, uncrop, unmap_labels
     from ..utils import progress as progress_bar
     from .evaluate import _run_dir_of, load_model
-    from .inference import predict_subsets, resolve_device
+    from .inference import apply_threads, inference_precision, predict_subsets, resolve_device
     from .metrics import postprocess_classes
 
     say = log or (lambda _msg: None)
@@ -194,7 +194,8 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
         raise PassionError(f"checkpoint not found: {ckpt_arg}")
     model, cfg, spec, ckpt, ckpt_path = load_model(ckpt_arg, "last", device="cpu")
     dev = resolve_device(device or cfg.train.device)
-    precision = precision or cfg.train.precision
+    apply_threads(cfg.train.threads)
+    precision = inference_precision(precision, cfg.train.precision, dev)
     overlap = cfg.eval.overlap if overlap is None else float(overlap)
     if not 0 <= overlap < 1:
         raise PassionError(f"overlap must be in [0, 1), got {overlap}")
