@@ -30,9 +30,9 @@ class Budget:
 
 BUDGETS = {
     # about 10 minutes on 2 CPU cores
-    "quick": Budget(cases=24, shape=(64, 64, 64), patch=48, epochs=8, iters_per_epoch=None, min_size=48),
+    "quick": Budget(cases=24, shape=(48, 48, 48), patch=32, epochs=10, iters_per_epoch=None, min_size=32),
     # the serious CPU benchmark, about an hour
-    "full": Budget(cases=60, shape=(96, 96, 96), patch=64, epochs=30, iters_per_epoch=None, min_size=64),
+    "full": Budget(cases=40, shape=(64, 64, 64), patch=48, epochs=15, iters_per_epoch=None, min_size=48),
 }
 
 # The presets ship inside the package (configs/ at the repository root links here).
