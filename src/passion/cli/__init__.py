@@ -16,7 +16,7 @@ from ..utils import PassionError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PASSION: multi-modal segmentation with missing modalities.")
 
-_COMMAND_MODULES = ("data", "split", "train", "evaluate", "report")
+_COMMAND_MODULES = ("data", "split", "train", "evaluate", "report", "compare")
 
 
 def _register() -> None:
