@@ -6,7 +6,6 @@ continues where it stopped (training resumes from its last checkpoint).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +44,7 @@ def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", mode
     from .data.preprocess import prepare_dataset
     from .data.splits import make_split
     from .data.synthetic import synthesize_dataset
+    from .engine.compare import training_finished
     from .engine.evaluate import evaluate
     from .engine.trainer import train
     from .report.compare import write_comparison_report
@@ -80,7 +80,7 @@ def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", mode
         if b.iters_per_epoch:
             run_overrides.append(f"train.iters_per_epoch={b.iters_per_epoch}")
         cfg = load_config(DEMO_CONFIG, run_overrides + list(overrides or []))
-        if not _finished(run_dir, b.epochs):
+        if not training_finished(run_dir, b.epochs):
             resume = (run_dir / "checkpoints" / "last.pt").is_file()
             log(f"[{step}/6] training {model} with the {objective} objective ({b.epochs} epochs)"
                 + (" - resuming" if resume else ""))
@@ -95,14 +95,3 @@ def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", mode
     report = write_comparison_report(runs, out / "report")
     log(f"report: {report}")
     return report
-
-
-def _finished(run_dir: Path, epochs: int) -> bool:
-    last = run_dir / "checkpoints" / "last.pt"
-    if not last.is_file():
-        return False
-    for line in reversed((run_dir / "metrics.jsonl").read_text().splitlines()):
-        rec = json.loads(line)
-        if rec.get("type") == "epoch":
-            return rec["epoch"] + 1 >= epochs
-    return False
