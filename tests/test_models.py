@@ -56,8 +56,9 @@ def modality_params(model, m: int):
     return list(model.modality_parameters(m))
 
 
-def assert_close(a, b, atol=5e-5):
-    """float32 agreement up to summation-order noise (batched conv kernels differ by ~1e-5)."""
+def assert_close(a, b, atol=1e-4):
+    """float32 agreement up to summation-order noise: batch-1 and batched conv / matmul kernels
+    round differently (observed up to ~7e-5 on O(1) values); a mask leak is orders larger."""
     torch.testing.assert_close(a, b, atol=atol, rtol=1e-3 if atol else 0)
 
 
