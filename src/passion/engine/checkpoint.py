@@ -11,6 +11,7 @@ A checkpoint is a plain dict of tensors and JSON-like values, so it loads with
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -33,9 +34,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise PassionError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise PassionError(f"{path}: not a PyTorch checkpoint file (expected a file written by `passion train`)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except pickle.UnpicklingError:
+        raise PassionError(f"{path}: holds pickled Python objects that a safe load refuses; it was not written "
+                           f"by `passion train`") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PassionError(f"{path}: not a readable passion checkpoint ({first[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

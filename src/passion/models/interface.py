@@ -16,6 +16,7 @@ every backbone without adapters:
   single-modality decoder applied to each modality's features. Entries whose mask is False
   may be skipped (returned as zeros).
 - ``forward(x, mask) -> logits [B, C, *spatial]`` for inference.
+- ``modality_parameters(m)``: the parameters of modality m's encoder.
 """
 from __future__ import annotations
 
@@ -76,6 +77,15 @@ class Backbone(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def decode_single(self, features: Features, mask: Tensor | None = None) -> Tensor: ...
+
+    def modality_parameters(self, m: int) -> list[nn.Parameter]:
+        """Parameters that belong to modality m's encoder alone (gradient-modulating objectives
+        such as OGM-GE scale them). Backbones with an `encoders` ModuleList get this for free."""
+        encoders = getattr(self, "encoders", None)
+        if isinstance(encoders, nn.ModuleList) and len(encoders) == self.num_modalities:
+            return list(encoders[m].parameters())
+        raise TypeError(f"{type(self).__name__} does not declare its per-modality encoder parameters; "
+                        f"implement modality_parameters(m)")
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         mask = mask.to(dtype=torch.bool, device=x.device)
