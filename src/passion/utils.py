@@ -43,6 +43,7 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 def progress(iterable=None, total: int | None = None, desc: str = "", disable: bool = False, **kw):
     """A tqdm-like progress bar with ETA built on rich; works as an iterable wrapper."""
+    from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
@@ -51,7 +52,7 @@ def progress(iterable=None, total: int | None = None, desc: str = "", disable: b
     prog = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-        disable=disable, transient=False,
+        disable=disable, transient=False, console=Console(stderr=True),
     )
     task = prog.add_task(desc, total=total, status="")
 
