@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -48,17 +49,21 @@ def _spec(name: str):
 def synth(
     out: Path = typer.Argument(..., help="output folder (BraTS layout)"),
     cases: int = typer.Option(20, "--cases", help="number of cases"),
-    shape: tuple[int, int, int] = typer.Option((96, 96, 96), "--shape", help="volume size D H W"),
+    shape: Optional[tuple[int, int, int]] = typer.Option(
+        None, "--shape", help="volume size D H W (myops2020: H W S, slices last); default 96^3 or 256x256x8"),
     seed: int = typer.Option(0, "--seed", help="random seed; the same seed gives the same phantoms"),
     drop_rates: str = typer.Option("", "--drop-rates", help="omit modality files, e.g. flair=0.6,t1ce=0.4"),
     dataset: str = typer.Option("brats2020", "--dataset", help="dataset preset (file suffixes, labels)"),
     workers: int = typer.Option(0, "--workers", help="processes (0: all cores)"),
     force: bool = typer.Option(False, "--force", help="write into a non-empty folder"),
 ) -> None:
-    """Synthesise BraTS-like multi-modal phantoms on real (MNI152) anatomy."""
-    from ..data.synthetic import synthesize_dataset
-
+    """Synthesise BraTS-like phantoms on real (MNI152) anatomy, or MyoPS-like cardiac phantoms."""
     spec = _spec(dataset)
+    if spec.spatial_dims == 2:
+        from ..data.synthetic_myops import synthesize_dataset
+    else:
+        from ..data.synthetic import synthesize_dataset
+    shape = tuple(shape) if shape else ((256, 256, 8) if spec.spatial_dims == 2 else (96, 96, 96))
     rates = parse_rates(drop_rates, spec.modalities)
     if workers < 0:
         raise PassionError(f"--workers must be 0 (all cores) or more, not {workers}")

@@ -56,6 +56,9 @@ class DatasetSpec:
     postprocess_min_voxels: int = 500
     spatial_dims: int = 3
     file_extension: str = ".nii.gz"
+    # in-plane centre crop (zero-padded where the image is smaller) instead of the non-zero box;
+    # 2D datasets: samples are slices along the last axis of each subject's volume
+    crop_size: tuple[int, ...] | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -65,6 +68,11 @@ class DatasetSpec:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def volume_dims(self) -> int:
+        """Axes of a subject's volume on disk and in the cache: 2D datasets store slice stacks."""
+        return 3 if self.spatial_dims == 2 else self.spatial_dims
 
     @property
     def inverse_label_map(self) -> dict[int, int]:
@@ -117,6 +125,7 @@ class DatasetSpec:
             "postprocess_region": self.postprocess_region,
             "postprocess_min_voxels": self.postprocess_min_voxels,
             "spatial_dims": self.spatial_dims,
+            **({"crop_size": list(self.crop_size)} if self.crop_size else {}),
         }
 
     @classmethod
@@ -132,6 +141,7 @@ class DatasetSpec:
             postprocess_region=d.get("postprocess_region"),
             postprocess_min_voxels=int(d.get("postprocess_min_voxels", 500)),
             spatial_dims=int(d.get("spatial_dims", 3)),
+            crop_size=tuple(int(v) for v in d["crop_size"]) if d.get("crop_size") else None,
         )
 
 
@@ -158,6 +168,20 @@ PRESETS: dict[str, DatasetSpec] = {
         class_names=_BRATS_CLASSES,
         regions=_BRATS_REGIONS,
         postprocess_region="ET",
+    ),
+    # MyoPS 2020 (cardiac): bSSFP (C0), LGE (DE), T2; raw labels of the challenge release; 2D slices,
+    # 256x256 centre crops; scored on LV and RV blood pool and the whole myocardium (normal + edema + scar)
+    "myops2020": DatasetSpec(
+        name="myops2020",
+        modalities=("c0", "de", "t2"),
+        suffixes=("C0", "DE", "T2"),
+        label_suffix="gd",
+        label_map={0: 0, 200: 1, 500: 2, 600: 3, 1220: 4, 2221: 5},
+        class_names=("background", "normal_myocardium", "lv_blood_pool", "rv_blood_pool", "edema", "scar"),
+        regions={"LV": (2,), "RV": (3,), "MYO": (1, 4, 5)},
+        postprocess_region=None,
+        spatial_dims=2,
+        crop_size=(256, 256),
     ),
 }
 
