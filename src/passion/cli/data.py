@@ -83,6 +83,8 @@ def prepare(
     workers: int = typer.Option(1, "--workers", help="processes"),
     on_error: str = typer.Option("fail", "--on-error", help="fail: stop at the first bad case; skip: leave it out"),
     min_size: int = typer.Option(128, "--min-size", help="minimum crop size per axis (paper: 128)"),
+    crop_size: Optional[int] = typer.Option(
+        None, "--crop-size", help="in-plane centre crop of 2D datasets (myops2020: 256, zero-padded if smaller)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Crop, z-score and cache a raw dataset for training (skips cases already done)."""
@@ -92,7 +94,16 @@ def prepare(
         raise PassionError(f"--on-error must be 'fail' or 'skip', not {on_error!r}")
     if min_size < 1:
         raise PassionError(f"--min-size must be positive, not {min_size}")
-    summary = prepare_dataset(raw, cache, _spec(dataset), workers, on_error, min_size, progress=not quiet)
+    spec = _spec(dataset)
+    if crop_size is not None:
+        if not spec.crop_size:
+            raise PassionError(f"--crop-size applies to centre-cropped datasets (e.g. myops2020), not {spec.name}")
+        if crop_size < 16:
+            raise PassionError(f"--crop-size must be at least 16, not {crop_size}")
+        from dataclasses import replace
+
+        spec = replace(spec, crop_size=(crop_size,) * len(spec.crop_size))
+    summary = prepare_dataset(raw, cache, spec, workers, on_error, min_size, progress=not quiet)
     typer.echo(f"{summary['indexed']} of {summary['cases']} cases in {cache} "
                f"({summary['prepared']} prepared, {summary['already_done']} already done, "
                f"{len(summary['failed'])} failed)")

@@ -51,7 +51,8 @@ def random_crop(image: np.ndarray, label: np.ndarray | None, patch: Sequence[int
 def random_rotate(image: np.ndarray, label: np.ndarray | None, available: Sequence[bool],
                   max_degrees: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
     """Rotate in one random plane; linear for images, nearest for labels, zeros outside."""
-    plane = _ROTATION_PLANES[int(rng.integers(0, len(_ROTATION_PLANES)))]
+    planes = _ROTATION_PLANES if image.ndim == 4 else ((0, 1),)  # 2D patches: the image plane
+    plane = planes[int(rng.integers(0, len(planes)))]
     angle = float(rng.uniform(-max_degrees, max_degrees))
     if max_degrees <= 0 or angle == 0.0:
         return image, label

@@ -74,7 +74,10 @@ def availability_counts(masks: Mapping[str, Sequence[bool]] | Sequence[Sequence[
 
 
 class TrainDataset(Dataset):
-    """Random patches with their modality mask for the idt / idt_drop / pdt settings."""
+    """Random patches with their modality mask for the idt / idt_drop / pdt settings.
+
+    For 2D datasets (spec.spatial_dims == 2) an item is a random slice of the subject, cropped to
+    a 2D patch: [M, h, w]; a subject (not a slice) is the unit of the split and of an epoch."""
 
     def __init__(self, cache: str | Path, case_names: Sequence[str],
                  masks: Mapping[str, Sequence[bool]] | Sequence[Sequence[bool]] | None = None,
@@ -145,7 +148,12 @@ class TrainDataset(Dataset):
         case = read_case(self.cache, name, mmap=True)
         if case.label is None:
             raise PassionError(f"case {name!r} in {self.cache} has no labels; it cannot be used for training")
-        image, label = augment_patch(case.image, case.label, self.patch_size, mask, rng, self.augment_config)
+        image, label = case.image, case.label
+        if self.spec.spatial_dims == 2 and image.ndim == 4:
+            # 2D datasets store each subject as a slice stack [M, H, W, S]: one random slice per draw
+            z = int(rng.integers(0, image.shape[-1]))
+            image, label = image[..., z], label[..., z]
+        image, label = augment_patch(image, label, self.patch_size, mask, rng, self.augment_config)
         return {
             "image": torch.from_numpy(image.astype(np.float32, copy=False)),
             "target": torch.from_numpy(label.astype(np.int64)),

@@ -64,10 +64,11 @@ def _find_file(directory: Path, case: str, suffix: str) -> Path | None:
     return None
 
 
-def find_case_files(directory: str | Path, spec: DatasetSpec) -> CaseFiles:
-    """Which modality and label files a case folder holds (named after the folder)."""
+def find_case_files(directory: str | Path, spec: DatasetSpec, case: str | None = None) -> CaseFiles:
+    """Which modality and label files a case folder holds (named after the folder, or `case`
+    for flat folders holding the files of many cases, as in the MyoPS release)."""
     directory = Path(directory)
-    case = directory.name
+    case = case or directory.name
     found = CaseFiles(case, directory)
     for modality, suffix in zip(spec.modalities, spec.suffixes):
         p = _find_file(directory, case, suffix)
@@ -85,10 +86,32 @@ def discover_cases(raw_dir: str | Path, spec: DatasetSpec) -> list[CaseFiles]:
     dirs = sorted(p for p in raw.iterdir() if p.is_dir() and not p.name.startswith("."))
     cases = [find_case_files(d, spec) for d in dirs]
     cases = [c for c in cases if c.modalities or c.label is not None or _has_nifti(c.directory)]
+    known = {c.name for c in cases}
+    cases += [find_case_files(raw, spec, name) for name in flat_case_names(raw, spec) if name not in known]
+    cases.sort(key=lambda c: c.name)
     if not cases:
         raise PassionError(
-            f"{raw}: no cases found (expected {raw}/<case>/<case>_<{'|'.join(spec.suffixes)}>.nii.gz)")
+            f"{raw}: no cases found (expected {raw}/<case>/<case>_<{'|'.join(spec.suffixes)}>.nii.gz "
+            f"or {raw}/<case>_<{'|'.join(spec.suffixes)}>.nii.gz)")
     return cases
+
+
+def flat_case_names(directory: Path, spec: DatasetSpec) -> list[str]:
+    """Case names of files lying directly in `directory`: <case><sep><suffix>.nii(.gz)."""
+    names = set()
+    suffixes = (*spec.suffixes, spec.label_suffix)
+    for p in directory.iterdir():
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        stem = next((p.name[:-len(ext)] for ext in EXTENSIONS if p.name.endswith(ext)), None)
+        if stem is None:
+            continue
+        for sep in SEPARATORS:
+            for suffix in suffixes:
+                tail = f"{sep}{suffix}"
+                if stem.endswith(tail) and len(stem) > len(tail):
+                    names.add(stem[: -len(tail)])
+    return sorted(names)
 
 
 def _has_nifti(directory: Path) -> bool:

@@ -82,6 +82,55 @@ def uncrop(array: np.ndarray, crop_box: CropBox, original_shape: Sequence[int], 
     return out
 
 
+def center_box(shape: Sequence[int], crop_size: Sequence[int]) -> CropBox:
+    """Centre crop of the leading len(crop_size) axes (lo < 0 or hi > n where the image is smaller
+    and must be padded); the other axes (a 2D dataset's slices) are kept whole."""
+    box: CropBox = []
+    for axis, n in enumerate(shape):
+        if axis < len(crop_size):
+            lo = (int(n) - int(crop_size[axis])) // 2
+            box.append([lo, lo + int(crop_size[axis])])
+        else:
+            box.append([0, int(n)])
+    return box
+
+
+def crop_pad(array: np.ndarray, crop_box: CropBox, fill=0) -> np.ndarray:
+    """`crop` for boxes that may reach outside the array: the outside is `fill` (zero-padding)."""
+    k = len(crop_box)
+    spatial = array.shape[-k:]
+    if all(lo >= 0 and hi <= n for (lo, hi), n in zip(crop_box, spatial)):
+        return crop(array, crop_box)
+    out = np.full(array.shape[:-k] + tuple(hi - lo for lo, hi in crop_box), fill, dtype=array.dtype)
+    src, dst = [], []
+    for (lo, hi), n in zip(crop_box, spatial):
+        a, b = max(lo, 0), min(hi, n)
+        src.append(slice(a, max(a, b)))
+        dst.append(slice(a - lo, a - lo + max(0, b - a)))
+    lead = (slice(None),) * (array.ndim - k)
+    out[lead + tuple(dst)] = array[lead + tuple(src)]
+    return out
+
+
+def uncrop_pad(array: np.ndarray, crop_box: CropBox, original_shape: Sequence[int], fill=0) -> np.ndarray:
+    """Inverse of `crop_pad` (equals `uncrop` for boxes inside the original shape)."""
+    k = len(crop_box)
+    if all(lo >= 0 and hi <= n for (lo, hi), n in zip(crop_box, original_shape)):
+        return uncrop(array, crop_box, original_shape, fill)
+    expected = tuple(hi - lo for lo, hi in crop_box)
+    if tuple(array.shape[-k:]) != expected:
+        raise PassionError(f"array of spatial shape {tuple(array.shape[-k:])} does not match crop box {crop_box}")
+    out = np.full(array.shape[:-k] + tuple(int(s) for s in original_shape), fill, dtype=array.dtype)
+    src, dst = [], []
+    for (lo, hi), n in zip(crop_box, original_shape):
+        a, b = max(lo, 0), min(hi, int(n))
+        dst.append(slice(a, max(a, b)))
+        src.append(slice(a - lo, a - lo + max(0, b - a)))
+    lead = (slice(None),) * (array.ndim - k)
+    out[lead + tuple(dst)] = array[lead + tuple(src)]
+    return out
+
+
 def zscore(volume: np.ndarray) -> np.ndarray:
     """z-score over the brain (non-zero) voxels; background stays exactly 0."""
     out = np.zeros(volume.shape, dtype=np.float32)
@@ -112,6 +161,26 @@ def preprocess_images(images: np.ndarray, available: Sequence[bool],
     for m, ok in enumerate(present):
         if ok:
             out[m] = zscore(cropped[m])
+    return out, box
+
+
+def preprocess_for_spec(images: np.ndarray, available: Sequence[bool], spec: DatasetSpec,
+                        min_size: int | Sequence[int] = 128) -> tuple[np.ndarray, CropBox]:
+    """The dataset's preprocessing: BraTS-like non-zero box + z-score, or, for a spec with
+    `crop_size` (MyoPS), z-score per modality over the whole subject, then an in-plane centre
+    crop zero-padded where the image is smaller (box entries then lie outside the image)."""
+    if not spec.crop_size:
+        return preprocess_images(images, available, min_size)
+    images = np.asarray(images)
+    if images.shape[0] != len(available):
+        raise PassionError(f"{images.shape[0]} image channels but {len(available)} availability flags")
+    if not any(available):
+        raise PassionError("no modality is available")
+    box = center_box(images.shape[1:], spec.crop_size)
+    out = np.zeros((images.shape[0], *[hi - lo for lo, hi in box]), dtype=np.float32)
+    for m, ok in enumerate(available):
+        if ok:
+            out[m] = crop_pad(zscore(images[m]), box)
     return out, box
 
 
@@ -164,11 +233,11 @@ def prepare_case(files: CaseFiles, cache_dir: str | Path, spec: DatasetSpec, min
         loaded = load_case(files, spec)
         if not any(loaded.images[m].any() for m, ok in enumerate(loaded.available) if ok):
             raise PassionError(f"case {files.name}: every modality file is all zeros ({files.directory})")
-        image, box = preprocess_images(loaded.images, loaded.available, min_size)
+        image, box = preprocess_for_spec(loaded.images, loaded.available, spec, min_size)
         label = None
         if loaded.label is not None:
             try:
-                label = crop(remap_labels(loaded.label, spec), box)
+                label = crop_pad(remap_labels(loaded.label, spec), box)
             except PassionError as exc:
                 raise PassionError(f"case {files.name}: {files.label}: {exc}") from None
         meta = {
@@ -181,6 +250,7 @@ def prepare_case(files: CaseFiles, cache_dir: str | Path, spec: DatasetSpec, min
             "crop_box": box,
             "files": loaded.files,
             "has_label": label is not None,
+            **({"crop_mode": "centre", "crop_size": list(spec.crop_size)} if spec.crop_size else {}),
         }
         cache_mod.write_case(cache_dir, files.name, image, label, meta)
     except BaseException:
@@ -205,6 +275,10 @@ def _check_cache_spec(cache_dir: Path, spec: DatasetSpec) -> None:
         if old.get("name") != spec.name or list(old.get("modalities", [])) != list(spec.modalities):
             raise PassionError(f"{cache_dir} was prepared for dataset {old.get('name')!r}, not {spec.name!r}; "
                                "use another cache directory")
+        old_crop = list(old.get("crop_size") or [])
+        if old_crop != list(spec.crop_size or []):
+            raise PassionError(f"{cache_dir} was prepared with crop size {old_crop or None}, not "
+                               f"{list(spec.crop_size or []) or None}; use another cache directory")
 
 
 def prepare_dataset(raw_dir: str | Path, cache_dir: str | Path, spec: DatasetSpec, workers: int = 1,

@@ -244,6 +244,9 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     conventions.update({"overlap": overlap, "roi_size": roi, "blend": "mean of softmax over overlapping windows",
                         "precision": precision, "mean": "subset values are means over cases; 'mean' is the "
                         "mean over subsets"})
+    if spec.spatial_dims == 2:
+        conventions["slice_wise"] = ("2D windows on every slice (last axis) of a subject; Dice and HD95 are "
+                                     "computed once per subject over its 3D slice stack with the voxel spacing")
     results = {
         "format": FORMAT, "version": VERSION,
         "run_dir": str(run_path), "checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"),

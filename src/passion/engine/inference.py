@@ -146,7 +146,8 @@ def predict_subsets(model, image, subsets, *, roi_size: Sequence[int], available
                     reuse_features: bool = True, output_device: str | torch.device = "cpu") -> Tensor:
     """Mean-softmax probabilities [S, C, *spatial] (float32) of one volume for each subset.
 
-    image: [M, *spatial] (numpy or tensor); subsets: [S, M] masks; available: the modalities
+    image: [M, *spatial] (numpy or tensor); subsets: [S, M] masks; a 2D roi on a 3D image predicts
+    slice by slice along the last axis (2D datasets' slice stacks); available: the modalities
     the volume really has (default: all); their channels are zeroed in encode for the rest.
     Memory: ``fuse_batch`` subsets share one fusion call inside a window (encoder features are
     still computed once per window); ``subset_chunk`` additionally splits the subsets into
@@ -163,6 +164,10 @@ def predict_subsets(model, image, subsets, *, roi_size: Sequence[int], available
         available = [True] * m
     # modalities that are absent in the case are zero in the input, as in training
     x = x * torch.as_tensor(np.asarray(available, dtype=np.float32), device=dev).reshape(1, m, *[1] * (x.dim() - 2))
+    # a 2D model on a slice stack [M, H, W, S] (2D datasets): the slices become the batch
+    slicewise = len(roi_size) == x.dim() - 3
+    if slicewise:
+        x = x[0].movedim(-1, 0)
     chunk = masks.shape[0] if not subset_chunk else max(1, int(subset_chunk))
     model = model.to(dev).eval()
     outs = []
@@ -176,6 +181,8 @@ def predict_subsets(model, image, subsets, *, roi_size: Sequence[int], available
         probs = sliding_window_inference(x, roi_size=list(roi_size), sw_batch_size=sw_batch_size,
                                          predictor=predictor, overlap=overlap, mode="constant",
                                          device=torch.device(output_device))
+        if slicewise:
+            probs = probs.movedim(0, -1)[None]
         probs = probs[0].reshape(part.shape[0], -1, *probs.shape[2:]).float()
         outs.append(probs)
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

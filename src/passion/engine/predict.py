@@ -115,8 +115,8 @@ def check_geometry(case, spec) -> None:
             raise PassionError(f"case {case.name}: cannot read {path}: {msg}") from None
         while len(shape) > 3 and shape[-1] == 1:
             shape = shape[:-1]
-        if len(shape) != spec.spatial_dims:
-            raise PassionError(f"case {case.name}: {path} is not a {spec.spatial_dims}D volume (shape {shape})")
+        if len(shape) != spec.volume_dims:
+            raise PassionError(f"case {case.name}: {path} is not a {spec.volume_dims}D volume (shape {shape})")
         if ref is None:
             ref = (path, shape, img.affine)
             continue
@@ -182,7 +182,8 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
     for one case given as separate files. postprocess: apply the evaluation's small-ET removal.
     """
     from ..data.nifti import load_case, write_label_map, write_nifti
-    from ..data.preprocess import preprocess_images, uncrop, unmap_labels
+    from ..data.preprocess import preprocess_for_spec, unmap_labels
+    from ..data.preprocess import uncrop_pad as uncrop
     from ..utils import progress as progress_bar
     from .evaluate import _run_dir_of, load_model
     from .inference import apply_threads, inference_precision, predict_subsets, resolve_device
@@ -231,7 +232,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
                 msg = f"{case.name}: using {', '.join(used)}" + (f" (missing: {', '.join(missing)})" if missing else "")
                 hint = evaluation_hint(run_dir, used)
                 say(msg + (f"; {hint}" if hint else ""))
-                image, box = preprocess_images(loaded.images, loaded.available, min_size)
+                image, box = preprocess_for_spec(loaded.images, loaded.available, spec, min_size)
                 probs = predict_subsets(model, image, [loaded.available], roi_size=roi, available=loaded.available,
                                         overlap=overlap, sw_batch_size=int(cfg.eval.sw_batch_size or 1),
                                         device=dev, precision=precision)[0].cpu().numpy()
