@@ -15,6 +15,8 @@ from .utils import PassionError
 
 # mr2468: nominal missing rates of the paper's main setting, per BraTS modality.
 MR2468 = {"flair": 0.6, "t1ce": 0.4, "t1": 0.2, "t2": 0.8}
+# mr357: the MyoPS setting of the authors' follow-up, per MyoPS modality (bSSFP, LGE, T2).
+MR357 = {"c0": 0.3, "de": 0.5, "t2": 0.7}
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class Budget:
     patch: int
     epochs: int
     iters_per_epoch: int | None
-    min_size: int
+    min_size: int  # 2D datasets: the in-plane centre crop size
 
 
 BUDGETS = {
@@ -34,13 +36,23 @@ BUDGETS = {
     "full": Budget(cases=40, shape=(64, 64, 64), patch=48, epochs=15, iters_per_epoch=None, min_size=48),
 }
 
+# MyoPS phantoms: shape is H W S (slices last), patches are 2D slices of patch x patch
+MYOPS_BUDGETS = {
+    "quick": Budget(cases=20, shape=(96, 96, 8), patch=64, epochs=20, iters_per_epoch=40, min_size=96),
+    "full": Budget(cases=40, shape=(128, 128, 10), patch=96, epochs=40, iters_per_epoch=60, min_size=128),
+}
+DATASET_BUDGETS = {"brats2020": BUDGETS, "myops2020": MYOPS_BUDGETS}
+DATASET_RATES = {"brats2020": ("mr2468", MR2468), "myops2020": ("mr357", MR357)}
+
 # The presets ship inside the package (configs/ at the repository root links here).
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo_cpu.yaml"
 
 
 def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", model: str = "rfnet",
-             seed: int = 1037, log=print, overrides: list[str] | None = None) -> Path:
-    """Run the whole demo under `out`; returns the path of the comparison report."""
+             seed: int = 1037, log=print, overrides: list[str] | None = None, dataset: str = "brats2020") -> Path:
+    """Run the whole demo under `out`; returns the path of the comparison report.
+
+    dataset: brats2020 (3D phantoms, mr2468 rates) or myops2020 (2D cardiac phantoms, mr357 rates)."""
     from .data.preprocess import prepare_dataset
     from .data.splits import make_split
     from .data.synthetic import synthesize_dataset
@@ -49,32 +61,46 @@ def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", mode
     from .engine.trainer import train
     from .report.compare import write_comparison_report
 
+    dataset = dataset.lower()
+    if dataset not in DATASET_BUDGETS:
+        raise PassionError(f"the demo supports {', '.join(DATASET_BUDGETS)}, not {dataset!r}")
+    budgets = DATASET_BUDGETS[dataset]
     if isinstance(budget, Budget):
         b = budget
-    elif budget in BUDGETS:
-        b = BUDGETS[budget]
+    elif budget in budgets:
+        b = budgets[budget]
     else:
-        raise PassionError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+        raise PassionError(f"unknown budget {budget!r}; choose one of {', '.join(budgets)}")
     out = Path(out)
-    spec = get_spec("brats2020")
+    spec = get_spec(dataset)
+    rates_name, rates = DATASET_RATES[dataset]
+    patch = f"{b.patch}"
+    if spec.spatial_dims == 2:
+        from dataclasses import replace
+
+        from .data.synthetic_myops import synthesize_dataset as synthesize_cardiac
+
+        spec = replace(spec, crop_size=(b.min_size, b.min_size))
+        patch = f"[{b.patch},{b.patch}]"
     raw, cache, split = out / "raw", out / "cache", out / "split"
 
     if not (raw / "synth.json").is_file():
         log(f"[1/6] synthesising {b.cases} phantoms of {b.shape} in {raw}")
-        synthesize_dataset(raw, cases=b.cases, shape=b.shape, seed=seed, spec=spec, force=True)
+        synth = synthesize_cardiac if spec.spatial_dims == 2 else synthesize_dataset
+        synth(raw, cases=b.cases, shape=b.shape, seed=seed, spec=spec, force=True)
     log(f"[2/6] preparing the cache in {cache}")
     prepare_dataset(raw, cache, spec, min_size=b.min_size)
     if not (split / "split.json").is_file():
-        log(f"[3/6] imbalanced missing-rate split (mr2468) in {split}")
+        log(f"[3/6] imbalanced missing-rate split ({rates_name}) in {split}")
         make_split(cache, split, val=0.0, test=0.25, seed=seed,
-                   missing_rates=[MR2468[m] for m in spec.modalities], force=False)
+                   missing_rates=[rates[m] for m in spec.modalities], force=False)
 
     runs = []
     for step, objective in ((4, "baseline"), (5, "passion")):
         run_dir = out / objective
         run_overrides = [
             f"run_dir={run_dir}", f"data.cache={cache}", f"data.split={split}", f"model.name={model}",
-            f"model.patch_size={b.patch}", f"objective.name={objective}", f"train.epochs={b.epochs}",
+            f"model.patch_size={patch}", f"objective.name={objective}", f"train.epochs={b.epochs}",
             f"train.seed={seed}",
         ]
         if b.iters_per_epoch:
@@ -87,7 +113,7 @@ def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", mode
             train(cfg, resume=resume)
         results = run_dir / "eval" / "test" / "results.json"
         if not results.is_file():
-            log(f"      evaluating {objective} on the held-out cases over all 15 subsets")
+            log(f"      evaluating {objective} on the held-out cases over all {len(spec.subsets())} subsets")
             evaluate(run_dir, split="test")
         runs.append(run_dir)
 

@@ -27,8 +27,10 @@ def demo(
     budget: str = typer.Option("quick", "--budget", help="quick (~10 min on 2 CPU cores) or full (~1 h)."),
     model: str = typer.Option("rfnet", "--model", help="Backbone to train twice (baseline vs PASSION)."),
     seed: int = typer.Option(1037, "--seed"),
+    dataset: str = typer.Option("brats2020", "--dataset",
+                                help="brats2020 (3D phantoms, mr2468) or myops2020 (2D cardiac phantoms, mr357)."),
 ) -> None:
-    """Synthesise phantoms, prepare, split (mr2468), train baseline and PASSION, evaluate, compare."""
+    """Synthesise phantoms, prepare, split (mr2468 / mr357), train baseline and PASSION, evaluate, compare."""
     from ..demo import run_demo
 
-    run_demo(out, budget=budget, model=model, seed=seed, log=typer.echo)
+    run_demo(out, budget=budget, model=model, seed=seed, log=typer.echo, dataset=dataset)

@@ -37,6 +37,8 @@ class RunRecord:
         self.results = json.loads(res_path.read_text())
         self.metrics = _read_jsonl(self.dir / "metrics.jsonl")
         self.label = self._label()
+        # the dataset's regions (BraTS: WT, TC, ET; MyoPS: LV, RV, MYO), without post-processed ones
+        self.regions = tuple(r for r in self.results.get("regions", REGIONS) if not r.endswith("post")) or REGIONS
 
     def _label(self) -> str:
         return f"{self.config['model']['name']}+{self.config['objective']['name']}"
@@ -46,10 +48,10 @@ class RunRecord:
 
     def table(self, kind: str) -> np.ndarray:
         """[subsets, regions] array of dice or hd95."""
-        return np.array([[s[kind][r] for r in REGIONS] for s in self.results["subsets"]], dtype=float)
+        return np.array([[s[kind][r] for r in self.regions] for s in self.results["subsets"]], dtype=float)
 
     def mean(self, kind: str) -> np.ndarray:
-        return np.array([self.results["mean"][kind][r] for r in REGIONS], dtype=float)
+        return np.array([self.results["mean"][kind][r] for r in self.regions], dtype=float)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -94,6 +96,7 @@ def _comparison_table(runs: list[RunRecord], kind: str) -> str:
     names = runs[0].subset_names()
     tables = np.stack([r.table(kind) for r in runs])  # [runs, subsets, regions]
     means = np.stack([r.mean(kind) for r in runs])
+    REGIONS = runs[0].regions  # noqa: N806
     head = ["subset"] + [f"{reg} {r.label}" for reg in REGIONS for r in runs]
     if len(runs) > 1:
         head += [f"Δ{reg} {r.label}" for reg in REGIONS for r in runs[1:]]
@@ -116,6 +119,7 @@ def _delta_heatmap(runs: list[RunRecord], path: Path) -> None:
     names = runs[0].subset_names()
     base = runs[0].table("dice")
     others = runs[1:]
+    REGIONS = runs[0].regions  # noqa: N806
     fig, axes = plt.subplots(1, len(others), figsize=(3.2 * len(others) + 1.5, 0.38 * len(names) + 1.8),
                              squeeze=False)
     lim = max(0.05, max(float(np.abs(r.table("dice") - base).max()) for r in others))
@@ -284,6 +288,7 @@ def write_comparison_report(run_dirs: list[str | Path], out_dir: str | Path, spl
 
 
 def _mean_table(runs: list[RunRecord]) -> str:
+    REGIONS = runs[0].regions  # noqa: N806
     head = ["run"] + [f"Dice {r}" for r in REGIONS] + [f"HD95 {r}" for r in REGIONS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     dice = np.stack([r.mean("dice") for r in runs])
