@@ -1,0 +1,117 @@
+"""Seconds per training step and peak memory, baseline vs PASSION objective (prints JSON).
+
+One real objective step (losses, PASSION's batched single-modality fusion, backward,
+AdamW step) per backbone, objective and precision, each in a fresh subprocess so its peak
+RSS is its own. The mask is the idt worst case for PASSION: all four modalities available.
+
+    .venv/bin/python benchmarks/train_step.py --models rfnet --size 80 --steps 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from models import _peak_mb, _rss_mb  # the same memory probes as the backbone benchmark
+
+
+def worker(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
+           threads: int | None) -> dict:
+    import torch
+
+    from passion.config import ObjectiveConfig
+    from passion.method import build_objective
+    from passion.models import build_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(name, num_modalities=4, num_classes=4, base_width=8,
+                        patch_size=(size, size, size), spatial_dims=3).train()
+    obj = build_objective(objective, ObjectiveConfig(name=objective), num_modalities=4,
+                          modality_names=["flair", "t1ce", "t1", "t2"], availability_counts=[100] * 4,
+                          iters_per_epoch=219, setting="idt")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4, amsgrad=True)
+    target = torch.zeros(1, size, size, size, dtype=torch.long)
+    c = size // 2
+    target[:, c - 12:c + 12, c - 12:c + 12, c - 12:c + 12] = 2
+    target[:, c - 6:c + 6, c - 6:c + 6, c - 6:c + 6] = 3
+    target[:, c - 3:c + 3, c - 3:c + 3, c - 3:c + 3] = 1
+    batch = {"image": torch.randn(1, 4, size, size, size), "target": target,
+             "mask": torch.ones(1, 4, dtype=torch.bool)}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = obj(model, batch, 0).loss
+        loss.backward()
+        opt.step()
+
+    base = _rss_mb()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {
+        "model": name, "objective": objective, "precision": precision, "size": size, "batch": 1,
+        "steps": steps, "warmup": warmup, "threads": torch.get_num_threads(),
+        "step_s_median": round(times[len(times) // 2], 3), "step_s_min": round(times[0], 3),
+        "peak_rss_mb": round(_peak_mb(), 1), "peak_delta_mb": round(_peak_mb() - base, 1),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=["rfnet"])
+    ap.add_argument("--objectives", nargs="*", default=["baseline", "passion"])
+    ap.add_argument("--size", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=None)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.models[0], args.objectives[0], args.size, args.steps, args.warmup,
+                                args.precisions[0], args.threads)))
+        return 0
+    results = []
+    for name in args.models:
+        for prec in args.precisions:
+            for objective in args.objectives:
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--models", name,
+                       "--objectives", objective, "--precisions", prec, "--size", str(args.size),
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                    res = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
+                           {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
+                except subprocess.TimeoutExpired:
+                    res = {"error": f"timed out after {args.timeout} s"}
+                res.update(model=name, objective=objective, precision=prec)
+                results.append(res)
+                print(json.dumps(res), file=sys.stderr, flush=True)
+    # PASSION's cost relative to the baseline, per model and precision
+    ratios = {}
+    for r in results:
+        if r["objective"] == "passion" and "step_s_median" in r:
+            base = next((b for b in results if b["objective"] == "baseline" and b["model"] == r["model"]
+                         and b["precision"] == r["precision"] and "step_s_median" in b), None)
+            if base:
+                ratios[f"{r['model']}/{r['precision']}"] = {
+                    "time_x": round(r["step_s_median"] / base["step_s_median"], 2),
+                    "peak_rss_x": round(r["peak_rss_mb"] / base["peak_rss_mb"], 2)}
+    print(json.dumps({"results": results, "passion_vs_baseline": ratios}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
