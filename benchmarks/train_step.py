@@ -2,7 +2,8 @@
 
 One real objective step (losses, PASSION's batched single-modality fusion, backward,
 AdamW step) per backbone, objective and precision, each in a fresh subprocess so its peak
-RSS is its own. The mask is the idt worst case for PASSION: all four modalities available.
+RSS is its own. The default mask is PASSION's worst case, all four modalities available
+(`--available 2` is closer to the paper's mr2468 split, 1.9 modalities per case on average).
 
     .venv/bin/python benchmarks/train_step.py --models rfnet --size 80 --steps 2
 """
@@ -19,7 +20,7 @@ from models import _peak_mb, _rss_mb  # the same memory probes as the backbone b
 
 
 def worker(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
-           threads: int | None) -> dict:
+           threads: int | None, available: int = 4) -> dict:
     import torch
 
     from passion.config import ObjectiveConfig
@@ -41,7 +42,7 @@ def worker(name: str, objective: str, size: int, steps: int, warmup: int, precis
     target[:, c - 6:c + 6, c - 6:c + 6, c - 6:c + 6] = 3
     target[:, c - 3:c + 3, c - 3:c + 3, c - 3:c + 3] = 1
     batch = {"image": torch.randn(1, 4, size, size, size), "target": target,
-             "mask": torch.ones(1, 4, dtype=torch.bool)}
+             "mask": torch.tensor([[m < available for m in range(4)]])}
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -61,6 +62,7 @@ def worker(name: str, objective: str, size: int, steps: int, warmup: int, precis
     times.sort()
     return {
         "model": name, "objective": objective, "precision": precision, "size": size, "batch": 1,
+        "available_modalities": available,
         "steps": steps, "warmup": warmup, "threads": torch.get_num_threads(),
         "step_s_median": round(times[len(times) // 2], 3), "step_s_min": round(times[0], 3),
         "peak_rss_mb": round(_peak_mb(), 1), "peak_delta_mb": round(_peak_mb() - base, 1),
@@ -77,11 +79,13 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=None)
+    ap.add_argument("--available", type=int, default=4, choices=[1, 2, 3, 4],
+                    help="modalities available in the sample (PASSION runs one extra fusion per available one)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.models[0], args.objectives[0], args.size, args.steps, args.warmup,
-                                args.precisions[0], args.threads)))
+                                args.precisions[0], args.threads, args.available)))
         return 0
     results = []
     for name in args.models:
@@ -89,7 +93,8 @@ def main(argv=None) -> int:
             for objective in args.objectives:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--models", name,
                        "--objectives", objective, "--precisions", prec, "--size", str(args.size),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+                       "--available", str(args.available)]
                 try:
                     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                     res = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
