@@ -38,8 +38,11 @@ BUDGETS = {
 
 # MyoPS phantoms: shape is H W S (slices last), patches are 2D slices of patch x patch
 MYOPS_BUDGETS = {
-    "quick": Budget(cases=20, shape=(96, 96, 8), patch=64, epochs=20, iters_per_epoch=40, min_size=96),
-    "full": Budget(cases=40, shape=(128, 128, 10), patch=96, epochs=40, iters_per_epoch=60, min_size=128),
+    # crop == patch: one window per slice at evaluation. Measured on 2 shared, busy cores: about 3.5 s
+    # per baseline training iteration (rfnet, 64^2, batch 1) and ~37 s of evaluation per test subject
+    # (8 slices, 7 subsets), so "quick" is roughly 20-30 minutes there (not re-measured end to end).
+    "quick": Budget(cases=20, shape=(80, 80, 8), patch=64, epochs=6, iters_per_epoch=20, min_size=64),
+    "full": Budget(cases=40, shape=(128, 128, 10), patch=96, epochs=30, iters_per_epoch=50, min_size=96),
 }
 DATASET_BUDGETS = {"brats2020": BUDGETS, "myops2020": MYOPS_BUDGETS}
 DATASET_RATES = {"brats2020": ("mr2468", MR2468), "myops2020": ("mr357", MR357)}
