@@ -10,7 +10,6 @@ overlapping windows (mode ``constant`` = plain mean) exactly as for a single sub
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import numpy as np
@@ -18,27 +17,11 @@ import torch
 from torch import Tensor
 
 from ..utils import PassionError
+from .runtime import PRECISIONS, apply_threads, autocast, resolve_device  # noqa: F401  (re-exported)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 # subsets per fusion call. RFNet (width 8), one 80^3 window, 15 subsets, 2 CPU threads: batch 15
 # 88 s and 7.0 GB peak, batch 5 80 s and 2.9 GB, batch 1 119 s and 1.2 GB (naive 15 forwards 167 s)
 DEFAULT_FUSE_BATCH = 5
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """'auto'/None -> CUDA when available, else CPU; anything else as given (checked)."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PassionError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return dev
-
-
-def apply_threads(threads: int | None) -> None:
-    """Intra-op CPU threads from the config (train.threads); None leaves PyTorch's default."""
-    if threads:
-        torch.set_num_threads(int(threads))
 
 
 def inference_precision(explicit: str | None, configured: str, device: torch.device) -> str:
@@ -48,18 +31,6 @@ def inference_precision(explicit: str | None, configured: str, device: torch.dev
     if configured == "fp16" and device.type != "cuda":
         return "fp32"
     return configured or "fp32"
-
-
-def autocast(device: torch.device, precision: str = "fp32"):
-    """Autocast context for inference: fp32 (none), bf16 (CPU or CUDA), fp16 (CUDA only)."""
-    if precision not in PRECISIONS:
-        raise PassionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise PassionError("fp16 inference needs a CUDA device; use bf16 on CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _mask_tensor(masks, num_modalities: int) -> Tensor:

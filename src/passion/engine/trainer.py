@@ -7,7 +7,6 @@ any point and resumed reaches the same weights and metrics as an uninterrupted o
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ from ..data.cache import read_index, read_spec
 from ..data.spec import DatasetSpec
 from ..utils import PassionError, atomic_write_text, progress
 from .checkpoint import build_model_for, load_checkpoint, save_checkpoint
+from .runtime import apply_threads, autocast, resolve_device
 from .distributed import DistContext, init_distributed, shutdown
 
 log = logging.getLogger("passion.train")
@@ -33,27 +33,6 @@ _IDENTITY_KEYS = ("data", "model", "objective")
 # Bookkeeping fields of an iteration record that make no sense averaged over an epoch.
 _NOT_AVERAGED = {"type", "epoch", "iteration", "step", "lr", "seconds", "samples_per_s", "beta",
                  "relative_preference", "gate", "weight"}
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but CUDA is not available on this machine")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device(f"cuda:{local_rank}")
-    return dev
-
-
-def autocast_context(precision: str, device: torch.device):
-    """Autocast for bf16/fp16; fp32 runs without it. fp16 is only offered on CUDA."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision fp16 needs a CUDA device; use bf16 on CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def poly_lr(base_lr: float, epoch: int, epochs: int, power: float) -> float:
@@ -101,14 +80,13 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         t = cfg.train
-        if t.threads:
-            torch.set_num_threads(int(t.threads))
+        apply_threads(t.threads)
         self.device = resolve_device(t.device)
         self.dist: DistContext = init_distributed(self.device, t.distributed_backend)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = resolve_device(t.device, self.dist.local_rank)
             torch.cuda.set_device(self.device)
-        autocast_context(t.precision, self.device)  # validates precision vs device early
+        autocast(self.device, t.precision)  # validates precision vs device early
 
         self._check_run_dir(resume, force)
         self._setup_data()
@@ -368,7 +346,7 @@ class Trainer:
         started = time.perf_counter()
         batch = self._to_device(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast_context(t.precision, self.device):
+        with autocast(self.device, t.precision):
             out = self.step_module(batch, epoch)
         loss, stats = out.loss, out.stats
         if not torch.isfinite(loss):
