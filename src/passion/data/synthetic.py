@@ -299,18 +299,33 @@ def _check_args(cases: int, shape, spec: DatasetSpec, drop_rates: dict | None) -
             raise PassionError(f"drop rate for {name} must be in [0, 1), got {rate}")
 
 
-def _remove_previous_phantoms(out: Path, keep: set[str]) -> None:
-    """With --force, drop cases of an earlier synth run that this run will not rewrite,
-    so the folder never mixes two phantom sets (only folders listed in our own synth.json)."""
+def open_output_dir(out_dir: str | Path, force: bool) -> Path:
+    """The phantom folder: created if needed, refused when non-empty unless --force."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise PassionError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise PassionError(f"{out} is not empty; use --force to write into it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def forget_previous_phantoms(out: Path) -> list[str]:
+    """Case names of an earlier synth run in `out` (from our own synth.json, which is removed),
+    so that --force never leaves two phantom sets mixed in one folder."""
     old = out / "synth.json"
     if not old.is_file():
-        return
+        return []
     try:
         names = [c["name"] for c in json.loads(old.read_text()).get("case_info", [])]
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         names = []
     old.unlink()
-    for name in names:
+    return names
+
+
+def _remove_previous_phantoms(out: Path, keep: set[str]) -> None:
+    for name in forget_previous_phantoms(out):
         if name not in keep and name.startswith("Synth_") and (out / name).is_dir():
             shutil.rmtree(out / name)
 
@@ -322,12 +337,7 @@ def synthesize_dataset(out_dir: str | Path, cases: int, shape=(96, 96, 96), seed
     shape = tuple(int(s) for s in shape)
     _check_args(int(cases), shape, spec, drop_rates)
     _raw_labels(spec)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PassionError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise PassionError(f"{out} is not empty; use --force to write into it")
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_output_dir(out_dir, force)
     _remove_previous_phantoms(out, {case_name(i) for i in range(cases)})
     workers = max(1, min(int(workers or os.cpu_count() or 1), int(cases)))
     templates = load_templates()

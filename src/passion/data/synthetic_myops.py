@@ -15,7 +15,6 @@ label OUT/<subject>_gd.nii.gz with the raw MyoPS values (200 myocardium, 500 LV,
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from scipy import ndimage
 from ..utils import PassionError, atomic_write_json, progress
 from .nifti import write_label_map, write_nifti
 from .spec import PRESETS, DatasetSpec
-from .synthetic import _smooth_noise, draw_available
+from .synthetic import _smooth_noise, draw_available, forget_previous_phantoms, open_output_dir
 
 FOV_MM = 240.0  # in-plane field of view
 SLICE_MM = 10.0  # short-axis slice spacing
@@ -188,15 +187,7 @@ def _make_and_write(index: int, out_dir: str, shape, seed: int, spec: DatasetSpe
 
 
 def _remove_previous(out: Path, keep: set[str], spec: DatasetSpec) -> None:
-    old = out / "synth.json"
-    if not old.is_file():
-        return
-    try:
-        names = [c["name"] for c in json.loads(old.read_text()).get("case_info", [])]
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        names = []
-    old.unlink()
-    for name in names:
+    for name in forget_previous_phantoms(out):
         if name not in keep and name.startswith("myops_synth_"):
             for suffix in (*spec.suffixes, spec.label_suffix):
                 p = out / f"{name}_{suffix}.nii.gz"
@@ -217,12 +208,7 @@ def synthesize_dataset(out_dir: str | Path, cases: int, shape=(96, 96, 8), seed:
     for name, rate in (drop_rates or {}).items():
         if name not in spec.modalities:
             raise PassionError(f"unknown modality {name!r} in drop rates; expected one of {', '.join(spec.modalities)}")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PassionError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise PassionError(f"{out} is not empty; use --force to write into it")
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_output_dir(out_dir, force)
     _remove_previous(out, {case_name(i) for i in range(cases)}, spec)
     workers = max(1, min(int(workers or os.cpu_count() or 1), int(cases)))
     args = (str(out), shape, int(seed), spec, dict(drop_rates or {}))
