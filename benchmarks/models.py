@@ -32,6 +32,18 @@ def _peak_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2 ** 20
 
 
+def time_steps(step, warmup: int, steps: int) -> list[float]:
+    """Run `step` warmup times untimed, then `steps` times timed; sorted wall seconds."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)
+
+
 def worker(name: str, size: int, steps: int, warmup: int, precision: str, threads: int | None) -> dict:
     import torch
 
@@ -57,14 +69,7 @@ def worker(name: str, size: int, steps: int, warmup: int, precision: str, thread
         loss.backward()
 
     base = _rss_mb()
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    times = time_steps(step, warmup, steps)
     return {
         "model": name, "precision": precision, "size": size, "batch": 1, "steps": steps, "warmup": warmup,
         "threads": torch.get_num_threads(),

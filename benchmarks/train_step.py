@@ -14,9 +14,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-from models import _peak_mb, _rss_mb  # the same memory probes as the backbone benchmark
+from models import _peak_mb, _rss_mb, time_steps  # the same probes as the backbone benchmark
 
 
 def worker(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
@@ -52,14 +51,7 @@ def worker(name: str, objective: str, size: int, steps: int, warmup: int, precis
         opt.step()
 
     base = _rss_mb()
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    times = time_steps(step, warmup, steps)
     return {
         "model": name, "objective": objective, "precision": precision, "size": size, "batch": 1,
         "available_modalities": available,
