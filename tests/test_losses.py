@@ -117,6 +117,23 @@ def test_proto_uses_only_classes_present_in_every_sample():
     assert none[0].tolist() == [0.0, 0.0] and none[1].tolist() == [0.0, 0.0]
 
 
+def test_shared_teacher_rows_equal_a_repeated_teacher():
+    """PASSION computes each sample's teacher once and maps every student row to it (rows=)."""
+    torch.manual_seed(0)
+    rows = torch.tensor([0, 0, 1, 1, 1])
+    teacher, student = torch.randn(2, 3, 4, 4, 4), torch.randn(5, 3, 4, 4, 4)
+    t_aux, s_aux = torch.randn(2, 3, 2, 2, 2), torch.randn(5, 3, 2, 2, 2)
+    shared = L.kl_with_aux(student, teacher, [s_aux], [t_aux], 4.0, rows=rows)
+    repeated = L.kl_with_aux(student, teacher[rows], [s_aux], [t_aux[rows]], 4.0)
+    torch.testing.assert_close(shared, repeated)
+    y = L.one_hot(torch.randint(0, 3, (2, 4, 4, 4)), 3)
+    classes = L.class_missing_counts(y) == 0
+    g_t, g_s = torch.randn(2, 6, 4, 4, 4), torch.randn(5, 6, 4, 4, 4)
+    for a, b in zip(L.proto_distill(g_s, g_t, y, classes, rows=rows),
+                    L.proto_distill(g_s, g_t[rows], y[rows], classes)):
+        torch.testing.assert_close(a, b)
+
+
 def test_proto_teacher_gets_no_gradient_and_student_does():
     target = torch.tensor([[[0, 1, 1, 0]]])
     y = L.one_hot(target, 2)

@@ -159,6 +159,49 @@ def test_mixed_mask_batch_equals_one_by_one(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("dims", [3, 2])
+def test_fuse_single_equals_one_hot_fuse_in_values_and_gradients(name, dims):
+    """fuse_single (PASSION's batched single-modality pass, possibly a backbone's own faster
+    path) equals fuse with one-hot masks, and sends the same gradients to the features."""
+    over = {} if dims == 3 else dict(spatial_dims=2, patch_size=TINY.get(name, TINY_FALLBACK)["patch_size"][:2])
+    try:
+        model, cfg = tiny(name, **over)
+    except ValueError:
+        pytest.skip(f"{name} has no 2D variant")
+    x = images(cfg, 2)
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    b_idx, m_idx = mask.nonzero(as_tuple=True)
+    feats = model.encode(x, mask)
+    outs, grads = [], []
+    for path in ("fuse_single", "fuse"):
+        leaves = feats.map(lambda t: t.detach().clone().requires_grad_())
+        if path == "fuse_single":
+            out = model.fuse_single(leaves, b_idx, m_idx)
+        else:
+            rows = leaves.map(lambda t: t.index_select(0, b_idx))
+            out = model.fuse(rows, torch.nn.functional.one_hot(m_idx, M).bool())
+        loss = out.logits.square().mean() + sum(a.float().square().mean() for a in out.aux_logits)
+        loss = loss + out.decoder_features[0].square().mean()
+        loss.backward()
+        outs.append(out)
+        grads.append([t.grad for t in leaves.scales + list(leaves.extra.values())])
+    fast, ref = outs
+    assert_close(fast.logits, ref.logits)
+    for s, t in zip(fast.aux_logits, ref.aux_logits):
+        assert_close(s, t)
+    for s, t in zip(fast.decoder_features, ref.decoder_features):
+        assert_close(s, t)
+    off = torch.ones(2, M, dtype=torch.bool)  # (sample, modality) rows outside the pairs
+    off[b_idx, m_idx] = False
+    assert any(g is not None for g in grads[1])
+    for g_fast, g_ref in zip(*grads):
+        assert (g_fast is None) == (g_ref is None)  # a feature the fusion does not read
+        if g_ref is not None:
+            assert_close(g_fast, g_ref, atol=1e-5)
+            assert float(g_fast[off].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_gradients_reach_exactly_the_available_encoders(name):
     model, cfg = tiny(name)
     model.train()

@@ -11,7 +11,7 @@ import torch
 from fakes import FakeBackbone, random_batch
 from passion.config import ConfigError, ObjectiveConfig
 from passion.method import build_objective, flatten_stats, list_objectives
-from passion.method.objective import ObjectiveModule, available_pairs, fuse_single_modalities
+from passion.method.objective import ObjectiveModule, available_pairs
 from passion.method.preference import (PreferenceState, availability_weights, epoch_relative_preference,
                                        grow_eta, preference_gate, relative_preference_sums, update_beta)
 from passion.utils import PassionError
@@ -128,7 +128,7 @@ def test_batched_single_modality_fuse_equals_separate_calls():
     for mask in ([[True] * 3, [True] * 3], [[True, False, True], [False, True, True]]):
         a = torch.tensor(mask)
         b_idx, m_idx = available_pairs(a)
-        out = fuse_single_modalities(model, feats, b_idx, m_idx, 3)
+        out = model.fuse_single(feats, b_idx, m_idx)
         for p, (b, m) in enumerate(zip(b_idx.tolist(), m_idx.tolist())):
             e_m = torch.zeros(2, 3, dtype=torch.bool)
             e_m[:, m] = True

@@ -71,6 +71,7 @@ class TrainConfig:
     precision: str = "fp32"
     device: str = "auto"
     threads: int | None = None
+    reuse_freed_memory: bool = True  # keep freed host memory for reuse (glibc); see engine/runtime.py
     seed: int = 1037
     grad_clip: float | None = None
     checkpoint_every_iters: int = 0  # 0: only at epoch ends

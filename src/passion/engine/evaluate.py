@@ -176,7 +176,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     """
     from ..data.cache import read_case
     from ..utils import progress as progress_bar
-    from .inference import DEFAULT_FUSE_BATCH, apply_threads, inference_precision, predict_subsets, resolve_device
+    from .inference import DEFAULT_FUSE_BATCH, configure_host, inference_precision, predict_subsets, resolve_device
 
     start = time.time()
     run_path = _run_dir_of(Path(run_dir))
@@ -185,7 +185,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     # device from the argument, else the run's config (resolved after reading it)
     model, cfg, spec, ckpt, ckpt_path = load_model(run_dir, checkpoint, device="cpu")
     dev = resolve_device(device or cfg.train.device)
-    apply_threads(cfg.train.threads)
+    configure_host(cfg.train.threads, cfg.train.reuse_freed_memory)
     model = model.to(dev)
     precision = inference_precision(precision, cfg.train.precision, dev)
     overlap = cfg.eval.overlap if overlap is None else float(overlap)

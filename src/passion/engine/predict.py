@@ -186,7 +186,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
     from ..data.preprocess import uncrop_pad as uncrop
     from ..utils import progress as progress_bar
     from .evaluate import _run_dir_of, load_model
-    from .inference import apply_threads, inference_precision, predict_subsets, resolve_device
+    from .inference import configure_host, inference_precision, predict_subsets, resolve_device
     from .metrics import postprocess_classes
 
     say = log or (lambda _msg: None)
@@ -195,7 +195,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
         raise PassionError(f"checkpoint not found: {ckpt_arg}")
     model, cfg, spec, ckpt, ckpt_path = load_model(ckpt_arg, "last", device="cpu")
     dev = resolve_device(device or cfg.train.device)
-    apply_threads(cfg.train.threads)
+    configure_host(cfg.train.threads, cfg.train.reuse_freed_memory)
     precision = inference_precision(precision, cfg.train.precision, dev)
     overlap = cfg.eval.overlap if overlap is None else float(overlap)
     if not 0 <= overlap < 1:

@@ -1,7 +1,9 @@
-"""Device, precision and threads: the one place that turns config strings into torch settings."""
+"""Device, precision, threads and host memory: the one place that turns config strings into torch settings."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 
 import torch
 
@@ -35,7 +37,40 @@ def autocast(device: torch.device, precision: str = "fp32"):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def apply_threads(threads: int | None) -> None:
-    """Intra-op CPU threads from the config (train.threads); None leaves PyTorch's default."""
+def configure_host(threads: int | None, reuse_freed_memory: bool = True) -> None:
+    """CPU-side settings from the config: intra-op threads (train.threads; None leaves PyTorch's
+    default) and train.reuse_freed_memory (see `reuse_freed_memory_in_process`)."""
     if threads:
         torch.set_num_threads(int(threads))
+    if reuse_freed_memory:
+        reuse_freed_memory_in_process()
+
+
+_GLIBC_M_TRIM_THRESHOLD = -1
+_GLIBC_M_MMAP_MAX = -4
+_reusing = False
+
+
+def reuse_freed_memory_in_process() -> bool:
+    """Keep freed host memory in the process for reuse instead of handing it back to the OS.
+
+    glibc serves every block above its mmap threshold (at most 32 MB, so nearly every 3D
+    activation) with a fresh mmap and unmaps it on free; the next step then page-faults, and
+    the kernel zeroes, gigabytes again. Measured on an 80^3 RFNet training step on 2 CPU
+    cores: 25-35% of the wall time was spent there (sys time, 1.5-2.5 M page faults per
+    step). Turning mmap off and trimming off makes freed blocks reusable, which is what
+    PyTorch's caching allocator does on the GPU. The process keeps its peak footprint until
+    it exits. glibc (Linux) only; elsewhere this returns False and changes nothing.
+    """
+    global _reusing
+    if _reusing:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_GLIBC_M_MMAP_MAX, 0) == 1 and libc.mallopt(_GLIBC_M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+    except (OSError, AttributeError):  # musl or another libc without mallopt
+        return False
+    _reusing = bool(ok)
+    return _reusing

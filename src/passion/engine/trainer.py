@@ -23,7 +23,7 @@ from ..data.cache import read_index, read_spec
 from ..data.spec import DatasetSpec
 from ..utils import PassionError, atomic_write_text, progress
 from .checkpoint import build_model_for, load_checkpoint, save_checkpoint
-from .runtime import apply_threads, autocast, resolve_device
+from .runtime import configure_host, autocast, resolve_device
 from .distributed import DistContext, init_distributed, shutdown
 
 log = logging.getLogger("passion.train")
@@ -80,7 +80,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         t = cfg.train
-        apply_threads(t.threads)
+        configure_host(t.threads, t.reuse_freed_memory)
         self.device = resolve_device(t.device)
         self.dist: DistContext = init_distributed(self.device, t.distributed_backend)
         if self.dist.enabled and self.device.type == "cuda":

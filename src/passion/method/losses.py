@@ -83,22 +83,34 @@ def tempered_probs(logits: Tensor, temperature: float, size: Sequence[int] | Non
     return p.clamp(PROB_CLAMP, 1.0)
 
 
+def _rows(x: Tensor, rows: Tensor | None) -> Tensor:
+    return x if rows is None else x.index_select(0, rows)
+
+
 def tempered_kl(student: Tensor, teacher: Tensor, temperature: float,
-                size: Sequence[int] | None = None) -> Tensor:
-    """KL_T(u, v) = T^2 * mean_{c,voxels} q_v (log q_v - log q_u), per sample; teacher v is used as given."""
+                size: Sequence[int] | None = None, rows: Tensor | None = None) -> Tensor:
+    """KL_T(u, v) = T^2 * mean_{c,voxels} q_v (log q_v - log q_u), per sample; teacher v is used as given.
+
+    rows: optional [P] teacher row of every student row, so that a teacher shared by several
+    students (PASSION: one fused output, one student per available modality) is computed once.
+    """
     q_u = tempered_probs(student, temperature, size)
     q_v = tempered_probs(teacher, temperature, size)
-    kl = q_v * (torch.log(q_v) - torch.log(q_u))
+    log_q_v = torch.log(q_v)
+    kl = _rows(q_v, rows) * (_rows(log_q_v, rows) - torch.log(q_u))
     return temperature ** 2 * kl.flatten(1).mean(dim=1)
 
 
 def kl_with_aux(student: Tensor, teacher: Tensor, student_aux: Sequence[Tensor],
-                teacher_aux: Sequence[Tensor], temperature: float) -> Tensor:
-    """KL_T(z_m, z) + sum_s 2^-s KL_T(z_m^s, z^s), aux maps upsampled to the main logits' size."""
+                teacher_aux: Sequence[Tensor], temperature: float, rows: Tensor | None = None) -> Tensor:
+    """KL_T(z_m, z) + sum_s 2^-s KL_T(z_m^s, z^s), aux maps upsampled to the main logits' size.
+
+    rows: as in `tempered_kl` (teacher row of each student row; None: row p of both).
+    """
     size = student.shape[2:]
-    total = tempered_kl(student, teacher, temperature)
+    total = tempered_kl(student, teacher, temperature, rows=rows)
     for w, zs, zt in zip(aux_weights(len(student_aux)), student_aux, teacher_aux):
-        total = total + w * tempered_kl(zs, zt, temperature, size)
+        total = total + w * tempered_kl(zs, zt, temperature, size, rows=rows)
     return total
 
 
@@ -144,19 +156,21 @@ def similarity_maps(features: Tensor, protos: Tensor) -> Tensor:
 
 
 def proto_distill(student_feat: Tensor, teacher_feat: Tensor, y: Tensor,
-                  classes: Tensor) -> tuple[Tensor, Tensor]:
+                  classes: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Semantic self-distillation: per-sample MSE and mean-abs distance of similarity maps.
 
-    y: one-hot [B, C, *spatial] at the features' resolution; classes: bool [C] selecting the
-    classes present in every sample of the (global) batch. Prototypes are computed separately
-    from student and teacher features. With no selected class both terms are zero.
+    y: one-hot [B, C, *spatial] at the features' resolution, one row per teacher row; classes:
+    bool [C] selecting the classes present in every sample of the (global) batch. Prototypes
+    are computed separately from student and teacher features. rows: optional [P] teacher row
+    of every student row (the teacher's maps are then computed once per sample). With no
+    selected class both terms are zero.
     """
     b = student_feat.shape[0]
     if not bool(classes.any()):
         zero = student_feat.float().sum() * 0.0
         return zero.expand(b), student_feat.new_zeros(b, dtype=torch.float32)
     ys = y[:, classes]
-    s_student = similarity_maps(student_feat, prototypes(student_feat, ys))
+    s_student = similarity_maps(student_feat, prototypes(student_feat, _rows(ys, rows)))
     s_teacher = similarity_maps(teacher_feat, prototypes(teacher_feat, ys))
-    diff = (s_student - s_teacher).flatten(1)
+    diff = (s_student - _rows(s_teacher, rows)).flatten(1)
     return diff.pow(2).mean(dim=1), diff.abs().mean(dim=1)

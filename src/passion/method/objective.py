@@ -145,22 +145,6 @@ def scatter_pairs(values: Tensor, b_idx: Tensor, m_idx: Tensor, shape: tuple[int
     return out.index_put((b_idx, m_idx), values)
 
 
-def fuse_single_modalities(model: nn.Module, features: Features, b_idx: Tensor, m_idx: Tensor,
-                           num_modalities: int) -> FusedOutput:
-    """ONE fuse call with one-hot masks e_m for every available pair (b, m).
-
-    With every pair available this is exactly fuse(features.repeat_each(M), eye(M) per sample);
-    otherwise only the available pairs' rows are built, which saves the unneeded work.
-    """
-    batch = features.batch_size
-    if b_idx.numel() == batch * num_modalities:
-        feats = features.repeat_each(num_modalities)
-    else:
-        feats = features.map(lambda t: t.index_select(0, b_idx))
-    masks = F.one_hot(m_idx, num_modalities).bool()
-    return model.fuse(feats, masks)
-
-
 def _unpack(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     image = batch["image"]
     target = batch["target"].to(device=image.device, dtype=torch.long)
@@ -243,7 +227,7 @@ class PassionObjective(_SegObjective):
         l_fuse, l_aux = self._fused(fused, y)
         sep_m = self._sep(model, features, a, y, b_idx, m_idx).sum(dim=0) / shape[0]
 
-        single = fuse_single_modalities(model, features, b_idx, m_idx, self.num_modalities)
+        single = model.fuse_single(features, b_idx, m_idx)  # ONE batched pass, one-hot masks
         kl_bm = scatter_pairs(self._kl_pairs(fused, single, b_idx), b_idx, m_idx, shape)
         proto_vals, dist_vals = self._proto_pairs(fused, single, target, b_idx)
         proto_bm = scatter_pairs(proto_vals, b_idx, m_idx, shape)
@@ -280,9 +264,10 @@ class PassionObjective(_SegObjective):
 
     def _kl_pairs(self, fused: FusedOutput, single: FusedOutput, b_idx: Tensor) -> Tensor:
         """[P] KL_T(z_m, z) + sum_s 2^-s KL_T(z_m^s, z^s) against the detached teacher."""
-        teacher = fused.logits.detach().index_select(0, b_idx)
-        teacher_aux = [t.detach().index_select(0, b_idx) for t in fused.aux_logits]
-        return L.kl_with_aux(single.logits, teacher, single.aux_logits, teacher_aux, self.cfg.temperature)
+        teacher = fused.logits.detach()
+        teacher_aux = [t.detach() for t in fused.aux_logits]
+        return L.kl_with_aux(single.logits, teacher, single.aux_logits, teacher_aux, self.cfg.temperature,
+                             rows=b_idx)
 
     def _proto_pairs(self, fused: FusedOutput, single: FusedOutput, target: Tensor,
                      b_idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -292,8 +277,7 @@ class PassionObjective(_SegObjective):
         y_g = L.one_hot(L.target_at(target, g_teacher.shape[2:]), fused.logits.shape[1])
         missing = self.all_reduce(L.class_missing_counts(y_g))
         classes = missing == 0
-        return L.proto_distill(g_student, g_teacher.index_select(0, b_idx),
-                               y_g.index_select(0, b_idx), classes)
+        return L.proto_distill(g_student, g_teacher, y_g, classes, rows=b_idx)
 
     def _stats(self, scalars: Tensor, per_mod: Tensor) -> Stats:
         s = scalars.detach().float().cpu().tolist()

@@ -12,6 +12,10 @@ every backbone without adapters:
   and may differ from the mask given to ``encode`` (PASSION re-runs the fusion with one-hot
   masks on the same features); fuse must itself zero the features of modalities that are off
   in *its* mask.
+- ``fuse_single(features, b_idx, m_idx) -> FusedOutput``: the fusion decoder with only one
+  modality present, for P (sample, modality) pairs at once; row p is sample b_idx[p] under the
+  one-hot mask of m_idx[p]. One batched pass, equal to ``fuse`` with one-hot masks (the default
+  does exactly that); backbones override it where a one-hot mask allows a cheaper exact path.
 - ``decode_single(features, mask=None) -> logits [B, M, C, *spatial]``: the shared
   single-modality decoder applied to each modality's features. Entries whose mask is False
   may be skipped (returned as zeros).
@@ -74,6 +78,15 @@ class Backbone(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def fuse(self, features: Features, mask: Tensor) -> FusedOutput: ...
+
+    def fuse_single(self, features: Features, b_idx: Tensor, m_idx: Tensor) -> FusedOutput:
+        """Fusion under the one-hot mask of m_idx[p] for sample b_idx[p], every pair p in ONE call.
+
+        Default: gather the pairs' rows and call ``fuse`` once with the one-hot masks.
+        """
+        feats = features.map(lambda t: t.index_select(0, b_idx))
+        masks = nn.functional.one_hot(m_idx, self.num_modalities).bool()
+        return self.fuse(feats, masks)
 
     @abc.abstractmethod
     def decode_single(self, features: Features, mask: Tensor | None = None) -> Tensor: ...

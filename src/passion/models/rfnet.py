@@ -59,6 +59,23 @@ def _cna(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 
     return ConvNormAct(in_ch, out_ch, kernel=kernel, stride=stride, dims=dims, affine=False)
 
 
+def _pointwise_one_modality(cna: ConvNormAct, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
+    """``cna`` (1^3 conv over M stacked modality features) on an input where row p holds only
+    modality present[p]: x [P, C, *S] are that modality's channels, the other M-1 blocks are zero.
+
+    Equal to ``cna`` on the zero-filled [P, M*C, *S] input, using only the weight columns of
+    the present modality, so the zeros are neither built nor multiplied.
+    """
+    conv = cna.conv
+    p, c = x.shape[:2]
+    w = conv.weight.reshape(conv.out_channels, num_modalities, c)
+    w = w.index_select(1, present).transpose(0, 1)  # [P, out, C]
+    y = torch.bmm(w, x.reshape(p, c, -1))
+    if conv.bias is not None:
+        y = y + conv.bias[None, :, None]
+    return cna.act(cna.norm(y.reshape(p, -1, *x.shape[2:])))
+
+
 class _EncoderStage(nn.Module):
     """Entry conv (strided except at scale 1) + residual pair of convs."""
 
@@ -135,6 +152,7 @@ class RegionPriorGenerator(nn.Module):
                  last_stage: bool, hidden: int = 16):
         super().__init__()
         self.last_stage = last_stage
+        self.num_modalities = num_modalities
         self.embed = nn.Sequential(
             _cna(num_modalities * channels, channels // 4, kernel=1, dims=dims),
             _cna(channels // 4, channels // 4, dims=dims),
@@ -143,8 +161,13 @@ class RegionPriorGenerator(nn.Module):
             _cna(channels * (1 if last_stage else 2), hidden, kernel=1, dims=dims),
             conv_cls(dims)(hidden, num_classes, 1))
 
-    def forward(self, modal_flat: Tensor, decoder_feat: Tensor | None) -> Tensor:
-        emb = self.embed(modal_flat)
+    def forward(self, modal: Tensor, decoder_feat: Tensor | None, present: Tensor | None = None) -> Tensor:
+        """modal: [B, M, C, *S] masked features, or [P, C, *S] with only modality present[p]."""
+        if present is None:
+            emb = self.embed(modal.flatten(1, 2))
+        else:
+            first = _pointwise_one_modality(self.embed[0], modal, present, self.num_modalities)
+            emb = self.embed[1:](first)
         if not self.last_stage:
             emb = torch.cat((decoder_feat, emb), dim=1)
         return self.head(emb)
@@ -166,6 +189,7 @@ class RegionAwareFusion(nn.Module):
         super().__init__()
         conv = conv_cls(dims)
         self.dims = dims
+        self.num_modalities = num_modalities
         self.weight_mlps = nn.ModuleList(
             nn.Sequential(conv(num_modalities * channels + 1, hidden, 1), nn.LeakyReLU(0.2, inplace=True),
                           conv(hidden, num_modalities, 1))
@@ -179,8 +203,11 @@ class RegionAwareFusion(nn.Module):
             _cna(channels, channels, dims=dims),
             _cna(channels, channels // 2, kernel=1, dims=dims))
 
-    def forward(self, y: Tensor, prior: Tensor) -> Tensor:
-        """y: masked features [B, M, C, *S]; prior: region probabilities [B, R, *S] (detached)."""
+    def forward(self, y: Tensor, prior: Tensor, present: Tensor | None = None) -> Tensor:
+        """y: masked features [B, M, C, *S] (or [P, C, *S] holding only modality present[p]);
+        prior: region probabilities [B, R, *S] (detached)."""
+        if present is not None:
+            return self._forward_one_modality(y, prior, present)
         b, m, c = y.shape[:3]
         spatial = y.shape[3:]
         r = prior.shape[1]
@@ -190,16 +217,46 @@ class RegionAwareFusion(nn.Module):
         prior_mean = pf.mean(dim=-1) + 1e-7                               # [B, R]
         pooled = torch.einsum("bmcn,brn->brmc", yf, pf) / n               # mean(y_k * p_r)
         pooled = pooled / prior_mean[:, :, None, None]
-        unit = (1,) * self.dims
         region_feats = []
-        for i, mlp in enumerate(self.weight_mlps):
-            vec = torch.cat((pooled[:, i].reshape(b, m * c), prior_mean[:, i:i + 1]), dim=1)
-            weight = torch.sigmoid(mlp(vec.reshape(b, m * c + 1, *unit)).reshape(b, m))
+        for i in range(r):
+            weight = self._modality_weights(i, pooled[:, i], prior_mean[:, i:i + 1])
             fused = torch.einsum("bm,bmcn->bcn", weight.to(yf.dtype), yf) * pf[:, i:i + 1]
             region_feats.append(fused)
         regions = torch.stack(region_feats, dim=1).reshape(b, r * c, *spatial)
         flat = y.reshape(b, m * c, *spatial)
         return torch.cat((self.region_merge(regions), self.shortcut(flat)), dim=1)
+
+    def _modality_weights(self, region: int, pooled: Tensor, prior_mean: Tensor) -> Tensor:
+        """[B, M] sigmoid weights from region-pooled features [B, M, C] and mean prior [B, 1]."""
+        b, m, c = pooled.shape
+        vec = torch.cat((pooled.reshape(b, m * c), prior_mean), dim=1)
+        unit = (1,) * self.dims
+        return torch.sigmoid(self.weight_mlps[region](vec.reshape(b, m * c + 1, *unit)).reshape(b, m))
+
+    def _forward_one_modality(self, y: Tensor, prior: Tensor, present: Tensor) -> Tensor:
+        """The same computation when row p has only modality present[p]: y is [P, C, *S].
+
+        The sums over modalities then have a single non-zero term, so pooled features are
+        computed for that modality alone and the region feature is its weight times its feature.
+        """
+        p, c = y.shape[:2]
+        spatial = y.shape[2:]
+        r = prior.shape[1]
+        yf = y.reshape(p, c, -1)
+        pf = prior.reshape(p, r, -1).to(yf.dtype)
+        n = yf.shape[-1]
+        prior_mean = pf.mean(dim=-1) + 1e-7                               # [P, R]
+        pooled_one = torch.einsum("pcn,prn->prc", yf, pf) / n / prior_mean[:, :, None]
+        onehot = nn.functional.one_hot(present, self.num_modalities).to(pooled_one.dtype)  # [P, M]
+        pooled = pooled_one[:, :, None, :] * onehot[:, None, :, None]     # [P, R, M, C], zeros elsewhere
+        region_feats = []
+        for i in range(r):
+            weight = self._modality_weights(i, pooled[:, i], prior_mean[:, i:i + 1])
+            w_present = weight.gather(1, present[:, None]).to(yf.dtype)  # [P, 1]
+            region_feats.append(w_present[:, :, None] * yf * pf[:, i:i + 1])
+        regions = torch.stack(region_feats, dim=1).reshape(p, r * c, *spatial)
+        short = _pointwise_one_modality(self.shortcut[0], y, present, self.num_modalities)
+        return torch.cat((self.region_merge(regions), self.shortcut[1:](short)), dim=1)
 
 
 class FusionDecoder(nn.Module):
@@ -216,22 +273,22 @@ class FusionDecoder(nn.Module):
         self.blocks = nn.ModuleList(_UpBlock(chans[i + 1], dims) for i in range(NUM_SCALES - 1))
         self.seg = conv_cls(dims)(width, num_classes, 1)
 
-    def forward(self, feats: list[Tensor]) -> FusedOutput:
-        """feats: masked per-modality features [B, M, C_l, *S_l], finest first."""
+    def forward(self, feats: list[Tensor], present: Tensor | None = None) -> FusedOutput:
+        """feats: masked per-modality features [B, M, C_l, *S_l], finest first; or, with
+        ``present`` [P], the features [P, C_l, *S_l] of the single modality present in each row."""
         priors: list[Tensor] = [None] * NUM_SCALES
         dec_feats: list[Tensor] = [None] * NUM_SCALES
         top = NUM_SCALES - 1
         y = feats[top]
-        flat = y.flatten(1, 2)
-        priors[top] = self.prm[top](flat, None)
-        x = self.rfm[top](y, torch.softmax(priors[top], dim=1).detach())
+        priors[top] = self.prm[top](y, None, present)
+        x = self.rfm[top](y, torch.softmax(priors[top], dim=1).detach(), present)
         dec_feats[top] = x
         for level in range(top - 1, -1, -1):
             y = feats[level]
             block = self.blocks[level]
-            up = block.up(x, y[:, 0])
-            priors[level] = self.prm[level](y.flatten(1, 2), up)
-            fused = self.rfm[level](y, torch.softmax(priors[level], dim=1).detach())
+            up = block.up(x, y if present is not None else y[:, 0])
+            priors[level] = self.prm[level](y, up, present)
+            fused = self.rfm[level](y, torch.softmax(priors[level], dim=1).detach(), present)
             x = block.combine(fused, up)  # reference order: cat(RFM output, decoder feature)
             dec_feats[level] = x
         return FusedOutput(logits=self.seg(x), aux_logits=priors, decoder_features=dec_feats)
@@ -322,6 +379,13 @@ class RFNet(Backbone):
         mask = self._check_mask(mask, features.batch_size).to(features.scales[0].device)
         feats = [self.zero_unavailable(f, mask) for f in features.scales]
         return self.decoder_fuse(feats)
+
+    def fuse_single(self, features: Features, b_idx: Tensor, m_idx: Tensor) -> FusedOutput:
+        """One-hot fusion without the M-1 zero modalities: equal to ``fuse`` with one-hot masks
+        (up to float rounding) but the zero-filled [P, M, ...] features are never built."""
+        device = features.scales[0].device
+        b_idx, m_idx = b_idx.to(device), m_idx.to(device)
+        return self.decoder_fuse([f[b_idx, m_idx] for f in features.scales], present=m_idx)
 
     def decode_single(self, features: Features, mask: Tensor | None = None) -> Tensor:
         scales = features.scales
