@@ -47,8 +47,10 @@ def worker(args) -> dict:
     from passion.engine.inference import predict_subsets
     from passion.models import build_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from models import configure
+
+    configure(args.threads, args.system_malloc)
     size, patch = _parse_size(args.size), _parse_size(args.patch)
     spec = get_spec("brats2020")
     torch.manual_seed(0)
@@ -68,7 +70,7 @@ def worker(args) -> dict:
             "overlap": args.overlap, "windows": _windows(size, patch, args.overlap), "subsets": len(subsets),
             "precision": args.precision, "mode": args.mode, "subset_chunk": args.subset_chunk,
             "fuse_batch": (args.fuse_batch or len(subsets)) if args.mode == "reuse" else None,
-            "threads": torch.get_num_threads(), "seconds_per_case": round(seconds, 3),
+            "threads": torch.get_num_threads(), "system_malloc": args.system_malloc, "seconds_per_case": round(seconds, 3),
             "output_shape": list(probs.shape), "peak_rss_mb": round(_peak_mb(), 1)}
 
 
@@ -88,6 +90,8 @@ def main() -> None:
     ap.add_argument("--fuse-batch", type=int, default=5, help="subsets per fusion call in reuse mode (0: all)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="measure with glibc's default allocator behaviour (train.reuse_freed_memory=false)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--size", default=None, help=argparse.SUPPRESS)
@@ -114,6 +118,8 @@ def main() -> None:
                 cmd += ["--fuse-batch", str(args.fuse_batch)]
                 if args.threads:
                     cmd += ["--threads", str(args.threads)]
+                if args.system_malloc:
+                    cmd.append("--system-malloc")
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     err = (proc.stderr.strip().splitlines() or ["failed"])[-1]

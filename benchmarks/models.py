@@ -32,6 +32,14 @@ def _peak_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2 ** 20
 
 
+def configure(threads: int | None, system_malloc: bool) -> None:
+    """The product's host settings (engine/runtime.py); --system-malloc measures glibc's default,
+    which returns every freed large block to the OS and page-faults it back on the next step."""
+    from passion.engine.runtime import configure_host
+
+    configure_host(threads, reuse_freed_memory=not system_malloc)
+
+
 def time_steps(step, warmup: int, steps: int) -> list[float]:
     """Run `step` warmup times untimed, then `steps` times timed; sorted wall seconds."""
     for _ in range(warmup):
@@ -44,13 +52,13 @@ def time_steps(step, warmup: int, steps: int) -> list[float]:
     return sorted(times)
 
 
-def worker(name: str, size: int, steps: int, warmup: int, precision: str, threads: int | None) -> dict:
+def worker(name: str, size: int, steps: int, warmup: int, precision: str, threads: int | None,
+           system_malloc: bool = False) -> dict:
     import torch
 
     from passion.models import build_model
 
-    if threads:
-        torch.set_num_threads(threads)
+    configure(threads, system_malloc)
     torch.manual_seed(0)
     model = build_model(name, num_modalities=4, num_classes=4, base_width=8,
                         patch_size=(size, size, size), spatial_dims=3).train()
@@ -72,7 +80,7 @@ def worker(name: str, size: int, steps: int, warmup: int, precision: str, thread
     times = time_steps(step, warmup, steps)
     return {
         "model": name, "precision": precision, "size": size, "batch": 1, "steps": steps, "warmup": warmup,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "system_malloc": system_malloc,
         "params": sum(p.numel() for p in model.parameters()),
         "step_s_median": round(times[len(times) // 2], 4), "step_s_min": round(times[0], 4),
         "peak_rss_mb": round(_peak_mb(), 1), "peak_delta_mb": round(_peak_mb() - base, 1),
@@ -90,11 +98,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--timeout", type=float, default=None,
                     help="seconds per (model, precision) run before it is reported as timed out")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="measure with glibc's default allocator behaviour (train.reuse_freed_memory=false)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
-        res = worker(args.models[0], args.size, args.steps, args.warmup, args.precisions[0], args.threads)
+        res = worker(args.models[0], args.size, args.steps, args.warmup, args.precisions[0], args.threads,
+                     args.system_malloc)
         print(json.dumps(res))
         return 0
 
@@ -112,6 +123,8 @@ def main(argv=None) -> int:
                    "--size", str(args.size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            if args.system_malloc:
+                cmd.append("--system-malloc")
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             except subprocess.TimeoutExpired:

@@ -15,19 +15,18 @@ import os
 import subprocess
 import sys
 
-from models import _peak_mb, _rss_mb, time_steps  # the same probes as the backbone benchmark
+from models import _peak_mb, _rss_mb, configure, time_steps  # the same probes as the backbone benchmark
 
 
 def worker(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
-           threads: int | None, available: int = 4) -> dict:
+           threads: int | None, available: int = 4, system_malloc: bool = False) -> dict:
     import torch
 
     from passion.config import ObjectiveConfig
     from passion.method import build_objective
     from passion.models import build_model
 
-    if threads:
-        torch.set_num_threads(threads)
+    configure(threads, system_malloc)
     torch.manual_seed(0)
     model = build_model(name, num_modalities=4, num_classes=4, base_width=8,
                         patch_size=(size, size, size), spatial_dims=3).train()
@@ -54,7 +53,7 @@ def worker(name: str, objective: str, size: int, steps: int, warmup: int, precis
     times = time_steps(step, warmup, steps)
     return {
         "model": name, "objective": objective, "precision": precision, "size": size, "batch": 1,
-        "available_modalities": available,
+        "available_modalities": available, "system_malloc": system_malloc,
         "steps": steps, "warmup": warmup, "threads": torch.get_num_threads(),
         "step_s_median": round(times[len(times) // 2], 3), "step_s_min": round(times[0], 3),
         "peak_rss_mb": round(_peak_mb(), 1), "peak_delta_mb": round(_peak_mb() - base, 1),
@@ -73,11 +72,13 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=None)
     ap.add_argument("--available", type=int, default=4, choices=[1, 2, 3, 4],
                     help="modalities available in the sample (PASSION runs one extra fusion per available one)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="measure with glibc's default allocator behaviour (train.reuse_freed_memory=false)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.models[0], args.objectives[0], args.size, args.steps, args.warmup,
-                                args.precisions[0], args.threads, args.available)))
+                                args.precisions[0], args.threads, args.available, args.system_malloc)))
         return 0
     results = []
     for name in args.models:
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--models", name,
                        "--objectives", objective, "--precisions", prec, "--size", str(args.size),
                        "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                       "--available", str(args.available)]
+                       "--available", str(args.available)] + (["--system-malloc"] if args.system_malloc else [])
                 try:
                     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                     res = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
