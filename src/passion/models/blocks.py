@@ -41,6 +41,21 @@ class Conv3d(nn.Conv3d):
         return torch.cat([y[0:1], y[1:2]], 2)
 
 
+def pointwise_conv_one_modality(conv: nn.Module, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
+    """A 1^3 (or 1^2) conv over M stacked modality blocks of C channels, on an input where row p
+    holds only modality present[p]: ``x`` [P, C, *S] are that modality's channels, the other M-1
+    blocks are zero. Equal to ``conv`` on the zero-filled [P, M*C, *S] input, but only the present
+    modality's weight columns are used, so the zeros are neither built nor multiplied.
+    """
+    p, c = x.shape[:2]
+    w = conv.weight.reshape(conv.out_channels, num_modalities, c)
+    w = w.index_select(1, present).transpose(0, 1)  # [P, out, C]
+    y = torch.bmm(w, x.reshape(p, c, -1))  # autocast casts both, like the conv it replaces
+    if conv.bias is not None:
+        y = y + conv.bias[None, :, None].to(y.dtype)
+    return y.reshape(p, -1, *x.shape[2:])
+
+
 def conv_cls(dims: int):
     return {2: nn.Conv2d, 3: Conv3d}[dims]
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_model
-from .blocks import conv_cls, kaiming_init, upsample_to
+from .blocks import conv_cls, kaiming_init, pointwise_conv_one_modality, upsample_to
 from .interface import Backbone, Features, FusedOutput
 from .mmformer import (NUM_SCALES, ModalityEncoder, SeparateDecoder, check_config, check_input,
                        decode_available, postnorm_block, run_per_modality)
@@ -172,6 +172,15 @@ class PostFusionBlock(nn.Sequential):
         super().__init__(postnorm_block(in_ch, width, 1, 1, dims), postnorm_block(width, width, 3, 1, dims),
                          postnorm_block(width, width, 1, 1, dims))
 
+    def one_modality(self, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
+        """The block on stacked features where row p holds only modality present[p] (x: its
+        [P, C, ...] channels); only that modality's weight columns of the first conv are used."""
+        first = self[0]
+        y = first.act(first.norm(pointwise_conv_one_modality(first.conv, x, present, num_modalities)))
+        for block in list(self)[1:]:
+            y = block(y)
+        return y
+
 
 class M2FTransFusionDecoder(nn.Module):
     """Reference ``Decoder_fusion``: cross-token fusion at the 2 coarsest scales, conv fusion below."""
@@ -192,24 +201,32 @@ class M2FTransFusionDecoder(nn.Module):
         self.aux_heads = nn.ModuleList(AuxHead(w, num_classes, dims) for w in widths)
         self.seg = conv_cls(dims)(width, num_classes, 1)
 
-    def forward(self, feats: Sequence[Tensor], fusion: Tensor, mask: Tensor) -> FusedOutput:
-        """feats: weighted modality features [B, M, C_l, ...] of the 5 levels; fusion [B, 16C, *grid]."""
+    def forward(self, feats: Sequence[Tensor], fusion: Tensor, mask: Tensor,
+                present: Tensor | None = None) -> FusedOutput:
+        """feats: weighted modality features [B, M, C_l, ...] of the 5 levels; fusion [B, 16C, *grid].
+
+        With ``present`` [B] (one modality per row, ``mask`` its one-hot), the conv-fused levels
+        0..2 may instead hold that modality's features alone, [B, C_l, ...].
+        """
         aux = [None] * NUM_SCALES
         dec = [None] * NUM_SCALES  # dec[l]: decoder feature at level l, as the reference returns it
+        dims = fusion.dim() - 2
         aux[4] = self.aux_heads[4](fusion)
         x = self.cross[1](feats[4], fusion, mask)
         x = self.bottom_out(self.bottom_merge(torch.cat((x, fusion), dim=1)))
-        x = self.up_convs[3](upsample_to(x, feats[3][:, 0]))
+        x = self.up_convs[3](upsample_to(x, feats[3].shape[-dims:]))
         for level in reversed(range(NUM_SCALES - 1)):
             dec[level + 1] = x
             aux[level] = self.aux_heads[level](x)
             if level == 3:
                 fused = self.cross[0](feats[3], x, mask)
+            elif present is not None and feats[level].dim() == dims + 2:
+                fused = self.conv_fusion[level].one_modality(feats[level], present, mask.shape[1])
             else:
                 fused = self.conv_fusion[level](Backbone.zero_unavailable(feats[level], mask).flatten(1, 2))
             x = self.outs[level](self.merge[level](torch.cat((fused, x), dim=1)))
             if level > 0:
-                x = self.up_convs[level - 1](upsample_to(x, feats[level - 1][:, 0]))
+                x = self.up_convs[level - 1](upsample_to(x, feats[level - 1].shape[-dims:]))
         dec[0] = x
         return FusedOutput(logits=self.seg(x), aux_logits=aux, decoder_features=dec)
 
@@ -275,7 +292,32 @@ class M2FTrans(Backbone):
     def fuse(self, features: Features, mask: Tensor) -> FusedOutput:
         mask = mask.to(dtype=torch.bool, device=features.scales[0].device)
         scales = [self.zero_unavailable(s, mask) for s in features.scales]
-        bottom = scales[-1]  # [B, M, D, *grid]
+        mod_out, fusion, weights = self._fusion_transformer(scales[-1], mask, [t.shape[3:] for t in scales])
+        weighted = [feat * w.to(feat.dtype) for feat, w in zip(scales[:-1] + [mod_out], weights)]
+        return self.decoder_fuse(weighted, fusion, mask)
+
+    def fuse_single(self, features: Features, b_idx: Tensor, m_idx: Tensor) -> FusedOutput:
+        """One-hot fusion: equal to ``fuse`` with one-hot masks (up to float rounding), but the
+        conv-fused levels 0..2 carry only the present modality's features (the absent ones are
+        zero there and only reach the first 1^3 conv). The transformer and the cross-token levels
+        3..4 see all modalities, as in ``fuse``."""
+        device = features.scales[0].device
+        b_idx, m_idx = b_idx.to(device), m_idx.to(device)
+        mask = nn.functional.one_hot(m_idx, self.num_modalities).bool()
+        bottom = self.zero_unavailable(features.scales[-1].index_select(0, b_idx), mask)
+        level3 = self.zero_unavailable(features.scales[3].index_select(0, b_idx), mask)
+        mod_out, fusion, weights = self._fusion_transformer(bottom, mask, [t.shape[3:] for t in features.scales])
+        rows = torch.arange(m_idx.numel(), device=device)
+        weighted = [features.scales[level][b_idx, m_idx] * weights[level][rows, m_idx].to(features.scales[level].dtype)
+                    for level in range(3)]
+        weighted += [level3 * weights[3].to(level3.dtype), mod_out * weights[4].to(mod_out.dtype)]
+        return self.decoder_fuse(weighted, fusion, mask, present=m_idx)
+
+    def _fusion_transformer(self, bottom: Tensor, mask: Tensor,
+                            sizes: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Masked bottleneck features [B, M, D, *grid] -> (refined modality features, fusion
+        feature [B, D, *grid], per-level modality weights [B, M, 1, *S_l], finest first); sizes:
+        the spatial size S_l of every level."""
         batch, mods, dim = bottom.shape[:3]
         n = self.num_tokens
         tokens = bottom.flatten(3).transpose(2, 3).reshape(batch, mods * n, dim)
@@ -287,13 +329,12 @@ class M2FTrans(Backbone):
         # modality weights: first block's attention of fusion queries on each modality's tokens
         first = attn[0].detach()[:, :, mods * n:, :mods * n]  # [B, heads, N, M*N]
         weight = first.sum(dim=(1, 2)).reshape(batch * mods, 1, *self.grid)
-        weighted = []
+        weights = []
         for level in reversed(range(NUM_SCALES)):
-            feat = mod_out if level == NUM_SCALES - 1 else scales[level]
             if level < NUM_SCALES - 1:
-                weight = F.interpolate(weight, size=feat.shape[3:], mode="nearest")
-            weighted.append(feat * weight.reshape(batch, mods, 1, *feat.shape[3:]).to(feat.dtype))
-        return self.decoder_fuse(weighted[::-1], fusion, mask)
+                weight = F.interpolate(weight, size=tuple(sizes[level]), mode="nearest")
+            weights.append(weight.reshape(batch, mods, 1, *weight.shape[2:]))
+        return mod_out, fusion, weights[::-1]
 
     def decode_single(self, features: Features, mask: Tensor | None = None) -> Tensor:
         return decode_available(self.decoder_sep, features, mask, self.num_classes)

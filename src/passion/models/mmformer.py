@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from . import register_model
-from .blocks import ConvNormAct, conv_cls, kaiming_init, norm_cls, upsample_to
+from .blocks import ConvNormAct, conv_cls, kaiming_init, norm_cls, pointwise_conv_one_modality, upsample_to
 from .interface import Backbone, Features, FusedOutput
 from .transformer import PositionEmbedding, Transformer, grid_to_tokens, token_grid, tokens_to_grid
 
@@ -199,6 +199,17 @@ class FusionBlock(nn.Sequential):
         super().__init__(prenorm_block(in_ch, width, 1, 1, dims), prenorm_block(width, width, 3, 1, dims),
                          prenorm_block(width, width, 1, 1, dims))
 
+    def one_modality(self, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
+        """The block on stacked features where row p holds only modality present[p] (x: its
+        [P, C, ...] channels). Instance norm is per channel and maps the all-zero channels of
+        the absent modalities to zero, so only the present block reaches the first conv."""
+        first = self[0]
+        y = first.act(nn.functional.instance_norm(x, eps=first.norm.eps))
+        y = pointwise_conv_one_modality(first.conv, y, present, num_modalities)
+        for block in list(self)[1:]:
+            y = block(y)
+        return y
+
 
 class MMFormerFusionDecoder(nn.Module):
     """Reference ``Decoder_fuse``: fusion blocks per scale, U-Net merge, deep supervision."""
@@ -207,6 +218,7 @@ class MMFormerFusionDecoder(nn.Module):
         super().__init__()
         conv = conv_cls(dims)
         widths = [width * 2 ** level for level in range(NUM_SCALES)]
+        self.num_modalities = num_modalities
         self.fusion = nn.ModuleList(FusionBlock(num_modalities * w, w, dims) for w in widths)
         # level l < 4: c1 maps the upsampled level-(l+1) feature 2w -> w; c2 merges; out is 1x1
         self.up_convs = nn.ModuleList(prenorm_block(2 * w, w, 3, 1, dims) for w in widths[:-1])
@@ -216,13 +228,19 @@ class MMFormerFusionDecoder(nn.Module):
         self.aux_heads = nn.ModuleList(conv(w, num_classes, 1) for w in widths[1:])
         self.seg = conv(width, num_classes, 1)
 
-    def forward(self, skips: Sequence[Tensor], bottleneck: Tensor) -> FusedOutput:
-        """skips: stacked modality features [B, M*C_l, ...] of levels 0..3; bottleneck [B, M*16C, *grid]."""
+    def forward(self, skips: Sequence[Tensor], bottleneck: Tensor, present: Tensor | None = None) -> FusedOutput:
+        """skips: stacked modality features [B, M*C_l, ...] of levels 0..3, or with ``present``
+        [P] the features [P, C_l, ...] of the one modality present in each row; bottleneck
+        [B, M*16C, *grid]."""
         feats = [None] * NUM_SCALES
         feats[-1] = self.fusion[-1](bottleneck)
         for level in reversed(range(NUM_SCALES - 1)):
             up = self.up_convs[level](upsample_to(feats[level + 1], skips[level]))
-            merged = torch.cat((self.fusion[level](skips[level]), up), dim=1)
+            if present is None:
+                fused = self.fusion[level](skips[level])
+            else:
+                fused = self.fusion[level].one_modality(skips[level], present, self.num_modalities)
+            merged = torch.cat((fused, up), dim=1)
             feats[level] = self.outs[level](self.merge[level](merged))
         aux = [head(f) for head, f in zip(self.aux_heads, feats[1:])]
         return FusedOutput(logits=self.seg(feats[0]), aux_logits=aux, decoder_features=feats)
@@ -308,6 +326,22 @@ class MMFormer(Backbone):
         mask = mask.to(dtype=torch.bool, device=features.scales[0].device)
         skips = [self.zero_unavailable(s, mask).flatten(1, 2) for s in features.scales[:NUM_SCALES - 1]]
         intra = self.zero_unavailable(features.extra["intra"], mask)  # [B, M, E, *grid]
+        return self.decoder_fuse(skips, self._inter_modal(intra))
+
+    def fuse_single(self, features: Features, b_idx: Tensor, m_idx: Tensor) -> FusedOutput:
+        """One-hot fusion with the skips of the present modality only: equal to ``fuse`` with
+        one-hot masks (up to float rounding). The zero skips of the other modalities normalise to
+        zero in the fusion blocks' pre-norm, so they are never built; the transformer still sees
+        all M*N tokens (absent ones zero), exactly as in ``fuse``."""
+        device = features.scales[0].device
+        b_idx, m_idx = b_idx.to(device), m_idx.to(device)
+        skips = [s[b_idx, m_idx] for s in features.scales[:NUM_SCALES - 1]]  # [P, C_l, ...]
+        onehot = nn.functional.one_hot(m_idx, self.num_modalities).bool()
+        intra = self.zero_unavailable(features.extra["intra"].index_select(0, b_idx), onehot)
+        return self.decoder_fuse(skips, self._inter_modal(intra), present=m_idx)
+
+    def _inter_modal(self, intra: Tensor) -> Tensor:
+        """Masked intra-modal tokens [B, M, E, *grid] -> inter-modal bottleneck [B, M*16C, *grid]."""
         batch, mods, dim = intra.shape[:3]
         tokens = intra.flatten(3).transpose(2, 3).reshape(batch, -1, dim)  # modality-major
         pos = torch.cat([p() for p in self.pos], dim=1)
@@ -316,7 +350,7 @@ class MMFormer(Backbone):
             grid = out.reshape(batch, *self.grid, mods * dim).movedim(-1, 1)
         else:
             grid = out.reshape(batch, mods, -1, dim).transpose(2, 3).reshape(batch, mods * dim, *self.grid)
-        return self.decoder_fuse(skips, self.inter_conv(grid.contiguous()))
+        return self.inter_conv(grid.contiguous())
 
     def decode_single(self, features: Features, mask: Tensor | None = None) -> Tensor:
         return decode_available(self.decoder_sep, features, mask, self.num_classes)

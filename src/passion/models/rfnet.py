@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from . import register_model
-from .blocks import ConvNormAct, conv_cls, kaiming_init, upsample_to
+from .blocks import ConvNormAct, conv_cls, kaiming_init, pointwise_conv_one_modality, upsample_to
 from .interface import Backbone, Features, FusedOutput
 
 NUM_SCALES = 4
@@ -60,20 +60,9 @@ def _cna(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 
 
 
 def _pointwise_one_modality(cna: ConvNormAct, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
-    """``cna`` (1^3 conv over M stacked modality features) on an input where row p holds only
-    modality present[p]: x [P, C, *S] are that modality's channels, the other M-1 blocks are zero.
-
-    Equal to ``cna`` on the zero-filled [P, M*C, *S] input, using only the weight columns of
-    the present modality, so the zeros are neither built nor multiplied.
-    """
-    conv = cna.conv
-    p, c = x.shape[:2]
-    w = conv.weight.reshape(conv.out_channels, num_modalities, c)
-    w = w.index_select(1, present).transpose(0, 1)  # [P, out, C]
-    y = torch.bmm(w, x.reshape(p, c, -1))
-    if conv.bias is not None:
-        y = y + conv.bias[None, :, None]
-    return cna.act(cna.norm(y.reshape(p, -1, *x.shape[2:])))
+    """``cna`` (1^3 conv over M stacked modality features, norm, act) when row p holds only
+    modality present[p]; x [P, C, *S] are that modality's channels (see pointwise_conv_one_modality)."""
+    return cna.act(cna.norm(pointwise_conv_one_modality(cna.conv, x, present, num_modalities)))
 
 
 class _EncoderStage(nn.Module):
