@@ -5,7 +5,8 @@ contract (models/interface.py) lets us do better: per-modality encoder features 
 on which *other* modalities are present, and ``fuse`` zeroes the features of modalities that
 are off in its mask. So for every window we run ``encode`` once with the case's available
 modalities, repeat the features once per requested subset and run ONE batched ``fuse`` over
-an [S, M] mask. MONAI's ``sliding_window_inference`` then averages the S softmax maps over
+an [S, M] mask (single-modality subsets go through ``fuse_single``, the backbone's one-hot
+fusion). MONAI's ``sliding_window_inference`` then averages the S softmax maps over
 overlapping windows (mode ``constant`` = plain mean) exactly as for a single subset.
 """
 from __future__ import annotations
@@ -74,21 +75,38 @@ class SubsetPredictor:
         s = self.subsets.shape[0]
         dev = window.device
         step = self.fuse_batch or s
-        outs = []
+        single = self.subsets.sum(dim=1) == 1
+        parts = []  # (subset indices, probabilities [b, k, C, ...])
         with autocast(dev, self.precision):
             enc_mask = self.encode_mask.to(dev)[None].expand(b, -1)
             feats = self.model.encode(window, enc_mask)
-            for start in range(0, s, step):
-                part = self.subsets[start:start + step].to(dev)
-                k = part.shape[0]
+            # single-modality subsets: the backbone's one-hot fusion (cheaper where it has one)
+            singles = single.nonzero().squeeze(1)
+            for start in range(0, singles.numel(), step):
+                idx = singles[start:start + step]
+                mods = self.subsets[idx].float().argmax(dim=1).to(dev)
+                k = idx.numel()
+                b_idx = torch.arange(b, device=dev).repeat_interleave(k)  # b0s0, b0s1, ...
+                logits = self.model.fuse_single(feats, b_idx, mods.repeat(b)).logits
+                parts.append((idx, self._probs(logits, b, k)))
+            multi = (~single).nonzero().squeeze(1)
+            for start in range(0, multi.numel(), step):
+                idx = multi[start:start + step]
+                k = idx.numel()
                 f = feats.repeat_each(k) if k > 1 else feats
-                mask = part.repeat(b, 1)  # order matches repeat_each: b0s0, b0s1, ...
+                mask = self.subsets[idx].to(dev).repeat(b, 1)  # order matches repeat_each: b0s0, b0s1, ...
                 logits = self.model.fuse(f, mask).logits
-                probs = torch.softmax(logits.float(), dim=1)
-                outs.append(probs.reshape(b, k, *probs.shape[1:]))
+                parts.append((idx, self._probs(logits, b, k)))
                 del f, logits
-        probs = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [b, s, C, ...]
+        probs = parts[0][1].new_empty((b, s) + parts[0][1].shape[2:])
+        for idx, p in parts:
+            probs[:, idx.to(dev)] = p
         return probs.reshape(b, s * probs.shape[2], *probs.shape[3:])
+
+    @staticmethod
+    def _probs(logits: Tensor, b: int, k: int) -> Tensor:
+        probs = torch.softmax(logits.float(), dim=1)
+        return probs.reshape(b, k, *probs.shape[1:])
 
 
 class NaivePredictor:
