@@ -42,7 +42,22 @@ def test_reused_memory_is_not_page_faulted_in_again():
     assert on["threads"] == off["threads"] == 1
 
 
-def test_reuse_freed_memory_is_a_config_switch(tmp_path):
+def test_reuse_freed_memory_is_a_config_switch():
     cfg = load_config(None, ["train.reuse_freed_memory=false"])
     assert cfg.train.reuse_freed_memory is False
     assert load_config(None, []).train.reuse_freed_memory is True
+
+
+def test_bf16_note_only_where_bf16_is_emulated(monkeypatch, capsys):
+    import torch
+
+    from passion.engine import runtime
+
+    cpu = torch.device("cpu")
+    assert runtime.warn_if_slow_precision(cpu, "fp32") is None
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    note = runtime.warn_if_slow_precision(cpu, "bf16")
+    assert note and "fp32" in note and note in capsys.readouterr().err
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: True)
+    assert runtime.warn_if_slow_precision(cpu, "bf16") is None
+    assert runtime.native_bf16(torch.device("cuda")) is True

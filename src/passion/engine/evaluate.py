@@ -176,7 +176,8 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     """
     from ..data.cache import read_case
     from ..utils import progress as progress_bar
-    from .inference import DEFAULT_FUSE_BATCH, configure_host, inference_precision, predict_subsets, resolve_device
+    from .inference import (DEFAULT_FUSE_BATCH, configure_host, inference_precision, predict_subsets,
+                            resolve_device, warn_if_slow_precision)
 
     start = time.time()
     run_path = _run_dir_of(Path(run_dir))
@@ -188,6 +189,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     configure_host(cfg.train.threads, cfg.train.reuse_freed_memory)
     model = model.to(dev)
     precision = inference_precision(precision, cfg.train.precision, dev)
+    warn_if_slow_precision(dev, precision)
     overlap = cfg.eval.overlap if overlap is None else float(overlap)
     if not 0 <= overlap < 1:
         raise PassionError(f"overlap must be in [0, 1), got {overlap}")

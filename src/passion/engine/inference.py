@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from ..utils import PassionError
-from .runtime import PRECISIONS, configure_host, autocast, resolve_device  # noqa: F401  (re-exported)
+from .runtime import (PRECISIONS, autocast, configure_host, resolve_device,  # noqa: F401  (re-exported)
+                      warn_if_slow_precision)
 
 # subsets per fusion call. RFNet (width 8), one 80^3 window, 15 subsets, 2 CPU threads: batch 15
 # 88 s and 7.0 GB peak, batch 5 80 s and 2.9 GB, batch 1 119 s and 1.2 GB (naive 15 forwards 167 s)

@@ -186,7 +186,8 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
     from ..data.preprocess import uncrop_pad as uncrop
     from ..utils import progress as progress_bar
     from .evaluate import _run_dir_of, load_model
-    from .inference import configure_host, inference_precision, predict_subsets, resolve_device
+    from .inference import (configure_host, inference_precision, predict_subsets, resolve_device,
+                            warn_if_slow_precision)
     from .metrics import postprocess_classes
 
     say = log or (lambda _msg: None)
@@ -197,6 +198,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
     dev = resolve_device(device or cfg.train.device)
     configure_host(cfg.train.threads, cfg.train.reuse_freed_memory)
     precision = inference_precision(precision, cfg.train.precision, dev)
+    warn_if_slow_precision(dev, precision)
     overlap = cfg.eval.overlap if overlap is None else float(overlap)
     if not 0 <= overlap < 1:
         raise PassionError(f"overlap must be in [0, 1), got {overlap}")

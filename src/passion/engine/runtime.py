@@ -37,6 +37,27 @@ def autocast(device: torch.device, precision: str = "fp32"):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 kernels are native (CUDA, or a CPU with AVX512-BF16/AMX for oneDNN)."""
+    if device.type != "cpu":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def warn_if_slow_precision(device: torch.device, precision: str) -> str | None:
+    """Print (stderr) and return a one-line note when bf16 is asked for on a CPU that only
+    emulates it: measured 5-10x slower than fp32 on such a CPU (benchmarks/README.md)."""
+    if precision != "bf16" or native_bf16(device):
+        return None
+    note = ("note: this CPU has no native bf16 (no AVX512-BF16/AMX), so bf16 is emulated and runs "
+            "several times slower than fp32 here; --set train.precision=fp32 (or --precision fp32) is faster")
+    print(note, file=sys.stderr)
+    return note
+
+
 def configure_host(threads: int | None, reuse_freed_memory: bool = True) -> None:
     """CPU-side settings from the config: intra-op threads (train.threads; None leaves PyTorch's
     default) and train.reuse_freed_memory (see `reuse_freed_memory_in_process`)."""

@@ -23,7 +23,7 @@ from ..data.cache import read_index, read_spec
 from ..data.spec import DatasetSpec
 from ..utils import PassionError, atomic_write_text, progress
 from .checkpoint import build_model_for, load_checkpoint, save_checkpoint
-from .runtime import configure_host, autocast, resolve_device
+from .runtime import autocast, configure_host, resolve_device, warn_if_slow_precision
 from .distributed import DistContext, init_distributed, shutdown
 
 log = logging.getLogger("passion.train")
@@ -426,6 +426,9 @@ def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     trainer = Trainer(cfg, resume=resume, force=force)
     try:
         _setup_logging(trainer.run_dir, trainer.dist.is_main)
+        note = warn_if_slow_precision(trainer.device, cfg.train.precision) if trainer.dist.is_main else None
+        if note:
+            log.warning(note)
         return trainer.train()
     finally:
         trainer.close()
