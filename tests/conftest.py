@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +29,13 @@ def tiny_data(tmp_path_factory, synth_raw_dir):
     make_split(root / "cache", root / "split", val=0.0, test=0.34, seed=5,
                missing_rates=[0.0, 0.0, 0.0, 0.5])
     return root
+
+
+@pytest.fixture
+def seed_and_one_thread():
+    """Seed 0 and one intra-op thread (tiny tensors: avoids oversubscription on shared cores)."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

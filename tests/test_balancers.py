@@ -50,13 +50,7 @@ def make(name: str, setting: str = "idt", all_reduce=None, **options):
                            all_reduce=all_reduce)
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seed_and_one_thread")
 
 
 def _step(obj, model, batch, epoch=1, opt=None):

@@ -26,14 +26,7 @@ def make(name: str = "passion", setting: str = "idt", all_reduce=None, **cfg):
                            all_reduce=all_reduce)
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on shared cores."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seed_and_one_thread")
 
 
 # ---------------------------------------------------------------- preference: worked examples
