@@ -339,26 +339,35 @@ def synthesize_dataset(out_dir: str | Path, cases: int, shape=(96, 96, 96), seed
     _raw_labels(spec)
     out = open_output_dir(out_dir, force)
     _remove_previous_phantoms(out, {case_name(i) for i in range(cases)})
-    workers = max(1, min(int(workers or os.cpu_count() or 1), int(cases)))
     templates = load_templates()
-    infos: list[dict] = []
     args = (str(out), shape, int(seed), spec, dict(drop_rates or {}))
-    with progress(total=cases, desc="synth", disable=not progress_bar) as bar:
-        if workers == 1:
-            for i in range(cases):
-                infos.append(_make_and_write(i, *args))
-                bar.update(status=infos[-1]["name"])
-        else:
-            with ProcessPoolExecutor(workers, initializer=_set_templates, initargs=(templates,)) as pool:
-                for info in pool.map(_make_and_write, range(cases), *[[a] * cases for a in args]):
-                    infos.append(info)
-                    bar.update(status=info["name"])
+    infos = write_cases(_make_and_write, cases, args, workers, progress_bar,
+                        initializer=_set_templates, initargs=(templates,))
     summary = {"generator": "passion.data.synthetic", "dataset": spec.name, "cases": int(cases),
                "shape": list(shape), "seed": int(seed), "drop_rates": dict(drop_rates or {}),
                "fov_mm": FOV_MM, "spacing_mm": [FOV_MM / s for s in shape],
                "no_enhancing_fraction": NO_ENHANCING_FRACTION, "case_info": infos}
     atomic_write_json(out / "synth.json", summary)
     return summary
+
+
+def write_cases(make_and_write, cases: int, args: tuple, workers: int | None, progress_bar: bool,
+                initializer=None, initargs: tuple = ()) -> list[dict]:
+    """Run ``make_and_write(i, *args)`` for every case index, in worker processes when more than
+    one worker is asked for; returns the per-case info dicts in case order (progress on stderr)."""
+    workers = max(1, min(int(workers or os.cpu_count() or 1), int(cases)))
+    infos: list[dict] = []
+    with progress(total=cases, desc="synth", disable=not progress_bar) as bar:
+        if workers == 1:
+            for i in range(cases):
+                infos.append(make_and_write(i, *args))
+                bar.update(status=infos[-1]["name"])
+        else:
+            with ProcessPoolExecutor(workers, initializer=initializer, initargs=initargs) as pool:
+                for info in pool.map(make_and_write, range(cases), *[[a] * cases for a in args]):
+                    infos.append(info)
+                    bar.update(status=info["name"])
+    return infos
 
 
 def read_synth_json(out_dir: str | Path) -> dict:

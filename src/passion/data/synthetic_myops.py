@@ -15,17 +15,16 @@ label OUT/<subject>_gd.nii.gz with the raw MyoPS values (200 myocardium, 500 LV,
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-from ..utils import PassionError, atomic_write_json, progress
+from ..utils import PassionError, atomic_write_json
 from .nifti import write_label_map, write_nifti
 from .spec import PRESETS, DatasetSpec
-from .synthetic import _smooth_noise, draw_available, forget_previous_phantoms, open_output_dir
+from .synthetic import _smooth_noise, draw_available, forget_previous_phantoms, open_output_dir, write_cases
 
 FOV_MM = 240.0  # in-plane field of view
 SLICE_MM = 10.0  # short-axis slice spacing
@@ -210,21 +209,8 @@ def synthesize_dataset(out_dir: str | Path, cases: int, shape=(96, 96, 8), seed:
             raise PassionError(f"unknown modality {name!r} in drop rates; expected one of {', '.join(spec.modalities)}")
     out = open_output_dir(out_dir, force)
     _remove_previous(out, {case_name(i) for i in range(cases)}, spec)
-    workers = max(1, min(int(workers or os.cpu_count() or 1), int(cases)))
     args = (str(out), shape, int(seed), spec, dict(drop_rates or {}))
-    infos: list[dict] = []
-    with progress(total=cases, desc="synth", disable=not progress_bar) as bar:
-        if workers == 1:
-            for i in range(cases):
-                infos.append(_make_and_write(i, *args))
-                bar.update(status=infos[-1]["name"])
-        else:
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(workers) as pool:
-                for info in pool.map(_make_and_write, range(cases), *[[a] * cases for a in args]):
-                    infos.append(info)
-                    bar.update(status=info["name"])
+    infos = write_cases(_make_and_write, cases, args, workers, progress_bar)
     summary = {"generator": "passion.data.synthetic_myops", "dataset": spec.name, "cases": int(cases),
                "shape": list(shape), "seed": int(seed), "drop_rates": dict(drop_rates or {}),
                "spacing_mm": [FOV_MM / shape[0], FOV_MM / shape[1], SLICE_MM], "case_info": infos}
