@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,22 @@ from .utils import PassionError, atomic_write_text
 
 class ConfigError(PassionError, ValueError):
     """A configuration value is invalid; the message is one line meant for the user."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (YAML 1.1) plus YAML 1.2 floats: 1.1 reads `2e-4` or `1.0e5` as strings."""
+
+
+# YAML 1.2 core-schema float; the lookahead keeps plain integers (`30`) ints whatever the resolver order
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?=.*[.eE])[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """Config YAML (files and `--set` values) is always read with ConfigLoader."""
+    return yaml.load(text, Loader=ConfigLoader)
 
 
 SETTINGS = ("idt", "idt_drop", "pdt")
@@ -117,8 +134,31 @@ def _from_dict(cls, data: dict, where: str):
         if key not in fields:
             raise ConfigError(f"unknown config key {path!r}; known: {', '.join(fields)}")
         sub = _SECTIONS.get(fields[key].type) if isinstance(fields[key].type, str) else None
-        kwargs[key] = _from_dict(sub, value, path) if sub else value
+        kwargs[key] = _from_dict(sub, value, path) if sub else _coerce(fields[key].type, value, path)
     return cls(**kwargs)
+
+
+def _to_float(value, path: str) -> float:
+    """A number, or a string holding one (e.g. a quoted "2e-4"), as float; bools are not numbers."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"{path} must be a number, got {value!r}")
+
+
+def _coerce(type_text, value, path: str):
+    """Float-typed fields (by their annotation text) get floats; everything else is kept as given."""
+    if type_text in ("float", "float | None"):
+        return None if value is None and type_text.endswith("None") else _to_float(value, path)
+    if type_text == "list[float]":
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list of numbers, got {value!r}")
+        return [_to_float(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 _SECTIONS = {
@@ -140,7 +180,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = parse_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: not a valid value ({str(exc).splitlines()[0]})") from None
         node = data
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -158,7 +201,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = parse_yaml(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     data = apply_overrides(data, overrides or [])
