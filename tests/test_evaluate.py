@@ -193,6 +193,8 @@ def test_evaluate_writes_all_outputs(tmp_path):
             assert all(v is not None for v in entry[key].values())
     assert res["subsets"][0]["modalities"] == ["t2"] and res["subsets"][-1]["modalities"] == list(SPEC.modalities)
     assert res["conventions"]["one_empty"]["hd95"] == 373.13 and res["conventions"]["overlap"] == 0.5
+    post = res["conventions"]["postprocess"]
+    assert post["min_volume_mm3"] == 500 and "mm^3" in post["rule"] and "voxel volume" in post["rule"]
     assert res["config_hash"] and res["checkpoint"].endswith("last.pt")
     wt = [s["dice"]["WT"] for s in res["subsets"]]
     assert res["mean"]["dice"]["WT"] == pytest.approx(np.mean(wt))

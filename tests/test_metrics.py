@@ -88,7 +88,8 @@ def test_empty_conventions():
     assert M.dice(one, z) == M.dice(z, one) == M.ONE_EMPTY_DICE == 0.0
     assert M.hd95(one, z) == M.hd95(z, one) == M.ONE_EMPTY_HD95 == 373.13
     conv = M.conventions(SPEC)
-    assert conv["one_empty"]["hd95"] == 373.13 and conv["postprocess"]["min_voxels"] == 500
+    assert conv["one_empty"]["hd95"] == 373.13 and conv["postprocess"]["min_volume_mm3"] == 500
+    assert "500 mm^3" in conv["postprocess"]["rule"] and "voxel volume" in conv["postprocess"]["rule"]
 
 
 def test_regions_and_etpost():
@@ -115,6 +116,42 @@ def test_regions_and_etpost():
     assert masks["ET"].sum() == 8 and masks["ETpost"].sum() == 0
     pp = M.postprocess_classes(pred, SPEC)
     assert (pp == 3).sum() == 0 and (pp[9:11, 9:11, 9:11] == 0).all()
+
+
+def _et_voxels(n: int, shape=(30, 30, 30)) -> np.ndarray:
+    """A class map holding one ET component of n voxels (training class 3) and nothing else."""
+    classes = np.zeros(shape, np.uint8)
+    classes.reshape(-1)[:n] = 3
+    return classes
+
+
+@pytest.mark.parametrize("spacing, kept, dropped", [
+    ((5.0, 5.0, 5.0), 4, 3),  # 125 mm^3 voxels: 500 mm^3 survive, 375 mm^3 do not
+    (None, 500, 499),  # no spacing: 1 mm isotropic, the paper's 500 voxels
+    ((1.0, 1.0, 1.0), 500, 499),
+    ((0.9999999, 1.0, 1.0), 500, 499),  # spacing rounding from an affine does not drop exactly 500 mm^3
+    ((1.0, 1.0, 2.0), 250, 249),
+])
+def test_etpost_threshold_is_a_physical_volume(spacing, kept, dropped):
+    for n, survives in ((kept, True), (dropped, False)):
+        classes = _et_voxels(n)
+        assert M.region_masks(classes, SPEC, spacing=spacing)["ETpost"].sum() == (n if survives else 0)
+        assert (M.postprocess_classes(classes, SPEC, spacing) == 3).sum() == (n if survives else 0)
+        r = M.region_metrics(classes, classes, SPEC, spacing=spacing, with_hd95=False)
+        assert r["ETpost"]["dice"] == (1.0 if survives else 0.0) and r["ET"]["dice"] == 1.0
+
+
+def test_spec_threshold_is_configurable_and_reads_old_files():
+    from dataclasses import replace
+
+    from passion.data.spec import DatasetSpec
+
+    small = replace(SPEC, postprocess_min_volume_mm3=100.0)
+    assert M.region_masks(_et_voxels(4), small, spacing=(3.0, 3.0, 3.0))["ETpost"].sum() == 4  # 108 mm^3
+    assert DatasetSpec.from_dict(small.to_dict()) == small
+    legacy = {k: v for k, v in SPEC.to_dict().items() if k != "postprocess_min_volume_mm3"}
+    assert DatasetSpec.from_dict({**legacy, "postprocess_min_voxels": 300}).postprocess_min_volume_mm3 == 300.0
+    assert DatasetSpec.from_dict(legacy).postprocess_min_volume_mm3 == 500.0
 
 
 def test_evaluation_subsets():

@@ -67,7 +67,9 @@ def predict(
     t2: Optional[Path] = typer.Option(None, "--t2", help="T2 file of a single case."),
     modality: list[str] = typer.Option([], "--modality", help="NAME=PATH for other datasets (repeatable)."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write <case>_probs.nii.gz."),
-    postprocess: bool = typer.Option(False, "--postprocess", help="Remove a predicted ET smaller than 500 voxels."),
+    postprocess: bool = typer.Option(False, "--postprocess",
+                                     help="Apply the evaluation's post-processing (BraTS: drop a predicted ET "
+                                          "under 500 mm^3)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 (default: config)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, auto (default: config)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),

@@ -1,8 +1,10 @@
 """Region metrics for evaluation: Dice and HD95 per region with the BraTS conventions.
 
 Regions come from the dataset spec (BraTS: WT = {1,2,3}, TC = {1,3}, ET = {3}), plus one
-post-processed region (BraTS: ``ETpost``): the predicted ET is dropped entirely when it has
-fewer than ``spec.postprocess_min_voxels`` voxels (METHOD.md section 7).
+post-processed region (BraTS: ``ETpost``): the predicted ET is dropped entirely when its volume
+is under ``spec.postprocess_min_volume_mm3`` (METHOD.md section 7: 500 voxels of BraTS's 1 mm
+isotropic grid, i.e. 500 mm^3), converted with the case's voxel volume so that the rule means
+the same on data of any spacing; no spacing means 1 mm isotropic.
 
 Empty regions follow the BraTS convention instead of MONAI's NaN/inf, and the values are
 module constants so that every report can state them:
@@ -40,14 +42,31 @@ def conventions(spec: DatasetSpec | None = None) -> dict:
         "hd_units": "mm (voxel spacing of the case)",
     }
     if spec is not None and spec.postprocess_region:
+        vol = spec.postprocess_min_volume_mm3
         out["postprocess"] = {
             "region": spec.postprocess_region,
             "name": postprocessed_name(spec),
-            "min_voxels": spec.postprocess_min_voxels,
-            "rule": f"predicted {spec.postprocess_region} with fewer than {spec.postprocess_min_voxels} "
-                    "voxels is set to background",
+            "min_volume_mm3": vol,
+            "rule": f"predicted {spec.postprocess_region} with a volume under {vol:g} mm^3 is set to background; "
+                    f"the threshold is converted with each case's voxel volume (product of its spacing), "
+                    f"i.e. {vol:g} voxels at 1 mm isotropic",
         }
     return out
+
+
+def voxel_volume_mm3(spacing: Sequence[float] | None) -> float:
+    """Volume of one voxel; an unknown spacing is taken as 1 mm isotropic (BraTS)."""
+    return float(np.prod([float(s) for s in spacing])) if spacing is not None else 1.0
+
+
+def _keep_postprocess_region(mask: np.ndarray, spec: DatasetSpec, spacing: Sequence[float] | None) -> bool:
+    """The post-processing rule, in one place: keep the predicted region if it is big enough in mm^3.
+
+    The relative tolerance absorbs rounding in spacings derived from affines (0.9999999 mm), which
+    would otherwise drop a region of exactly the threshold volume.
+    """
+    volume = int(np.count_nonzero(mask)) * voxel_volume_mm3(spacing)
+    return volume >= spec.postprocess_min_volume_mm3 * (1 - 1e-6)
 
 
 def postprocessed_name(spec: DatasetSpec) -> str | None:
@@ -67,22 +86,23 @@ def region_mask(classes: np.ndarray, classes_in_region: Sequence[int]) -> np.nda
     return np.isin(np.asarray(classes), np.asarray(list(classes_in_region)))
 
 
-def region_masks(classes: np.ndarray, spec: DatasetSpec, postprocess: bool = True) -> dict[str, np.ndarray]:
+def region_masks(classes: np.ndarray, spec: DatasetSpec, postprocess: bool = True,
+                 spacing: Sequence[float] | None = None) -> dict[str, np.ndarray]:
     """Boolean mask per evaluation region of a class map (training class indices)."""
     out = {name: region_mask(classes, cls) for name, cls in spec.regions.items()}
     post = postprocessed_name(spec)
     if postprocess and post:
         m = out[spec.postprocess_region]
-        out[post] = m if m.sum() >= spec.postprocess_min_voxels else np.zeros_like(m)
+        out[post] = m if _keep_postprocess_region(m, spec, spacing) else np.zeros_like(m)
     return out
 
 
-def postprocess_classes(classes: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+def postprocess_classes(classes: np.ndarray, spec: DatasetSpec, spacing: Sequence[float] | None = None) -> np.ndarray:
     """Class map with a too-small predicted post-processing region (BraTS: ET) set to background."""
     if not spec.postprocess_region:
         return classes
     m = region_mask(classes, spec.regions[spec.postprocess_region])
-    if 0 < m.sum() < spec.postprocess_min_voxels:
+    if m.any() and not _keep_postprocess_region(m, spec, spacing):
         classes = classes.copy()
         classes[m] = 0
     return classes
@@ -147,7 +167,7 @@ def region_metrics(pred_classes: np.ndarray, ref_classes: np.ndarray, spec: Data
     ref_classes = np.asarray(ref_classes)
     if pred_classes.shape != ref_classes.shape:
         raise ValueError(f"prediction shape {pred_classes.shape} != reference shape {ref_classes.shape}")
-    pred = region_masks(pred_classes, spec)
+    pred = region_masks(pred_classes, spec, spacing=spacing)
     ref = region_masks(ref_classes, spec, postprocess=False)
     post = postprocessed_name(spec)
     out = {}

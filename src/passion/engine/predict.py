@@ -240,7 +240,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
                                         device=dev, precision=precision)[0].cpu().numpy()
                 classes = probs.argmax(axis=0).astype(np.uint8)
                 if postprocess:
-                    classes = postprocess_classes(classes, spec)
+                    classes = postprocess_classes(classes, spec, loaded.spacing)
                 full = uncrop(classes, box, loaded.spatial_shape, fill=0)
                 labels = unmap_labels(full, spec)
                 dest = tmp / targets[case.name].name
