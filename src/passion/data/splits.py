@@ -427,18 +427,46 @@ def make_split(cache_or_cases: str | Path | Sequence[str], out_dir: str | Path, 
     return info
 
 
+def read_split_info(split_dir: str | Path) -> dict:
+    """split.json of a split directory ({} when absent, e.g. a reference split)."""
+    path = Path(split_dir) / "split.json"
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PassionError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(info, dict):
+        raise PassionError(f"{path}: expected a JSON object")
+    return info
+
+
+def training_description(split_dir: str | Path, spec: DatasetSpec | None = None) -> dict | None:
+    """describe_split() of a split directory's training table, for reports.
+
+    make_split records it in split.json under "train_missing"; for a folder without one (a
+    reference split) it is computed from train_missing.csv. None when there is no table.
+    """
+    d = Path(split_dir)
+    info = read_split_info(d)
+    if isinstance(info.get("train_missing"), dict):
+        return info["train_missing"]
+    table = d / "train_missing.csv"
+    if not table.is_file():
+        return None
+    if "spec" in info:
+        spec = DatasetSpec.from_dict(info["spec"])
+    spec = spec or get_spec("brats2020")
+    return describe_split(read_missing_csv(table, spec), spec, nominal_from_reference_name(table, spec))
+
+
 def load_split(split_dir: str | Path, table: str | Path | None = None,
                spec: DatasetSpec | None = None) -> Split:
     """Read a split directory (ours, or the reference one with `table=` its CSV)."""
     d = Path(split_dir)
-    info: dict = {}
-    if (d / "split.json").is_file():
-        try:
-            info = json.loads((d / "split.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise PassionError(f"{d / 'split.json'}: unreadable ({exc})") from None
-        if spec is None and "spec" in info:
-            spec = DatasetSpec.from_dict(info["spec"])
+    info = read_split_info(d)
+    if spec is None and "spec" in info:
+        spec = DatasetSpec.from_dict(info["spec"])
     if not (d / "train.txt").is_file():
         raise PassionError(f"{d}: no train.txt; run `passion split` first")
     train = read_case_list(d / "train.txt")

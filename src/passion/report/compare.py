@@ -216,26 +216,50 @@ def _preference_curves(runs: list[RunRecord], path: Path) -> bool:
     return True
 
 
-def _split_section(runs: list[RunRecord]) -> str:
-    seen, lines = set(), []
+def _split_dirs(runs: list[RunRecord]) -> dict[Path, list[RunRecord]]:
+    """Each distinct training split folder of the runs, with the runs trained on it."""
+    from ..engine.evaluate import _resolve_path  # config paths may be relative to where the run was trained
+
+    out: dict[Path, list[RunRecord]] = {}
     for r in runs:
-        split_dir = Path(r.config["data"]["split"])
-        summary = split_dir / "split.json"
-        if str(split_dir) in seen or not summary.is_file():
+        value = (r.config.get("data") or {}).get("split")
+        if value:
+            out.setdefault(_resolve_path(str(value), r.dir, "data.split").resolve(), []).append(r)
+    return out
+
+
+def _split_section(runs: list[RunRecord]) -> str:
+    """Realised missing rates and per-subset counts of each training split (METHOD.md section 2)."""
+    from ..data.spec import get_spec
+    from ..data.splits import training_description
+
+    lines = []
+    for split_dir, users in _split_dirs(runs).items():
+        try:
+            spec = get_spec(users[0].results.get("dataset") or "")
+        except ValueError:
+            spec = None  # a dataset without a preset: split.json names its spec
+        try:
+            desc = training_description(split_dir, spec)
+        except PassionError as exc:
+            lines += [f"_Split `{split_dir}`: {exc}_", ""]
             continue
-        seen.add(str(split_dir))
-        info = json.loads(summary.read_text())
-        desc = info.get("train", info)
-        rates = desc.get("missing_rate", {})
-        nominal = desc.get("nominal_missing_rate") or info.get("nominal_missing_rate") or {}
-        lines.append(f"Split `{split_dir}` ({desc.get('cases', '?')} training cases, "
-                     f"{desc.get('complete_cases', '?')} complete):\n")
-        lines.append("| modality | nominal missing % | realised missing % |\n|---|---|---|")
-        for mod, v in rates.items():
+        if desc is None:
+            lines += [f"_Split `{split_dir}`: no split.json or train_missing.csv found._", ""]
+            continue
+        nominal = desc.get("nominal_missing_rate") or {}
+        lines.append(f"Split `{split_dir}` (runs {', '.join(f'`{r.label}`' for r in users)}): "
+                     f"{desc['cases']} training cases, {desc['complete_cases']} complete.\n")
+        lines.append("| modality | nominal missing % | realised missing % | cases with it |\n|---|---|---|---|")
+        for mod, v in desc["missing_rate"].items():
             nom = nominal.get(mod)
-            lines.append(f"| {mod} | {'' if nom is None else f'{100 * nom:.1f}'} | {100 * v:.1f} |")
+            lines.append(f"| {mod} | {'' if nom is None else f'{100 * nom:.1f}'} | {100 * v:.1f} | "
+                         f"{desc['present'][mod]} |")
+        ids = desc.get("subset_ids") or {}
+        lines += ["", "Training cases per modality subset:\n", "| mask_id | subset | cases |\n|---|---|---|"]
+        lines += [f"| {ids.get(name, '')} | {name} | {n} |" for name, n in desc["subset_counts"].items()]
         lines.append("")
-    return "\n".join(lines) if lines else "_No split.json found for these runs._"
+    return "\n".join(lines) if lines else "_The runs' configs name no training split._"
 
 
 def _config_diff(runs: list[RunRecord]) -> str:
