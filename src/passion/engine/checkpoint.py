@@ -6,7 +6,10 @@ A checkpoint is a plain dict of tensors and JSON-like values, so it loads with
     {"format": "passion-checkpoint", "version": 1,
      "config": Config.to_dict(), "config_hash": str, "spec": DatasetSpec.to_dict(),
      "model": state_dict, "epoch": int (epochs completed), "iteration": int (global step),
-     "optimizer": ..., "scheduler": ..., "objective": ..., "rng": ..., "scaler": ...}
+     "optimizer": ..., "scheduler": ..., "objective": ..., "rng": ..., "scaler": ...,
+     "best": {"val_score": float, "epoch": int (0-based, as in metrics.jsonl), "step": int} or None}
+
+`last.pt` is the newest state; `best.pt` the state with the highest validation score so far.
 """
 from __future__ import annotations
 
@@ -58,6 +61,9 @@ def resolve_checkpoint(run_or_ckpt: str | Path, which: str = "last") -> Path:
         return Path(which)
     name = f"epoch_{int(which):04d}.pt" if str(which).isdigit() else f"{which}.pt"
     cand = p / "checkpoints" / name
+    if not cand.is_file() and name == "best.pt" and p.is_dir():
+        raise PassionError(f"no checkpoint best.pt in {p / 'checkpoints'}: the run never validated (no val cases "
+                           f"in its split, train.val_cases=0, or trained before validation); use --checkpoint last")
     if not cand.is_file():
         raise PassionError(f"no checkpoint {name} in {p / 'checkpoints'}")
     return cand

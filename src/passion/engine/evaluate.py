@@ -110,6 +110,24 @@ def _nanstd(values) -> float:
     return float(np.std(v)) if v else float("nan")
 
 
+def score_case(name: str, classes: np.ndarray, label: np.ndarray, spec, masks, spacing=None,
+               with_hd95: bool = True, after_subset=None) -> list[dict]:
+    """One row per subset x region (dice, hd95) of a case's class maps [S, *spatial] against its label.
+
+    Shared by `evaluate` and validation during training (which skips HD95); `after_subset(mask)`
+    is called once each subset is scored (progress)."""
+    rows = []
+    for s, mask in enumerate(masks):
+        res = M.region_metrics(classes[s], label, spec, spacing, with_hd95=with_hd95)
+        for reg in M.region_names(spec):
+            rows.append({"case": name, "subset_id": spec.subset_id(mask), "subset": spec.subset_name(mask),
+                         "modalities": " ".join(M.subset_modalities(spec, mask)), "region": reg,
+                         "dice": res[reg]["dice"], "hd95": res[reg]["hd95"]})
+        if after_subset is not None:
+            after_subset(mask)
+    return rows
+
+
 def summarise(rows: list[dict], spec, masks, regions) -> tuple[list[dict], dict]:
     """Per-subset means over cases, and the mean over subsets."""
     subsets = []
@@ -159,6 +177,10 @@ def _markdown(results: dict) -> str:
     ]
     if post:
         lines.append(f"{post['name']}: {post['rule']}.")
+    if results.get("checkpoint_name") == "best" and results.get("best"):
+        best = results["best"]
+        lines.append(f"Best checkpoint: val score {best['val_score']:.4f} (mean Dice over regions and subsets) "
+                     f"at epoch {best['epoch'] + 1}.")
     return "\n".join(lines) + "\n"
 
 
@@ -176,7 +198,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     """
     from ..data.cache import read_case
     from ..utils import progress as progress_bar
-    from .inference import (DEFAULT_FUSE_BATCH, configure_host, inference_precision, predict_subsets,
+    from .inference import (DEFAULT_FUSE_BATCH, configure_host, inference_precision, predict_classes,
                             resolve_device, warn_if_slow_precision)
 
     start = time.time()
@@ -225,21 +247,11 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
                     raise PassionError(f"case {name} has no {', '.join(lacking)} image, needed by subset "
                                        f"{spec.subset_name(mask)}; evaluate on complete cases or pick --subsets")
             bar.set_status(f"{name}: inference")
-            probs = predict_subsets(model, case.image, masks, roi_size=roi, available=avail, overlap=overlap,
-                                    sw_batch_size=sw, device=dev, precision=precision, subset_chunk=subset_chunk,
-                                    fuse_batch=fuse_batch or DEFAULT_FUSE_BATCH)
-            classes = probs.argmax(dim=1).cpu().numpy().astype(np.uint8)
-            del probs
-            label = np.asarray(case.label)
-            spacing = case.meta.get("spacing")
-            for s, mask in enumerate(masks):
-                bar.set_status(f"{name}: {spec.subset_name(mask)}")
-                res = M.region_metrics(classes[s], label, spec, spacing)
-                for reg in regions:
-                    rows.append({"case": name, "subset_id": spec.subset_id(mask), "subset": spec.subset_name(mask),
-                                 "modalities": " ".join(M.subset_modalities(spec, mask)), "region": reg,
-                                 "dice": res[reg]["dice"], "hd95": res[reg]["hd95"]})
-                bar.update(1)
+            classes = predict_classes(model, case.image, masks, roi_size=roi, available=avail, overlap=overlap,
+                                      sw_batch_size=sw, device=dev, precision=precision, subset_chunk=subset_chunk,
+                                      fuse_batch=fuse_batch or DEFAULT_FUSE_BATCH)
+            rows += score_case(name, classes, np.asarray(case.label), spec, masks, case.meta.get("spacing"),
+                               after_subset=lambda mask: bar.update(1, status=f"{name}: {spec.subset_name(mask)}"))
 
     subset_entries, mean = summarise(rows, spec, masks, regions)
     conventions = M.conventions(spec)
@@ -251,7 +263,8 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
                                      "computed once per subject over its 3D slice stack with the voxel spacing")
     results = {
         "format": FORMAT, "version": VERSION,
-        "run_dir": str(run_path), "checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"),
+        "run_dir": str(run_path), "checkpoint": str(ckpt_path), "checkpoint_name": Path(ckpt_path).stem,
+        "epoch": ckpt.get("epoch"),
         "config_hash": ckpt.get("config_hash") or cfg.hash(),
         "model": cfg.model.name, "objective": cfg.objective.name, "dataset": spec.name,
         "split": split_label, "cases": names, "num_cases": len(names),
@@ -259,6 +272,8 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
         "subsets": subset_entries, "mean": mean, "conventions": conventions,
         "device": str(dev), "seconds": round(time.time() - start, 2),
     }
+    if ckpt.get("best"):  # the training run's best validation so far: {"val_score", "epoch" (0-based), "step"}
+        results["best"] = ckpt["best"]
     results = _json_safe(results)
     out.mkdir(parents=True, exist_ok=True)
     from ..report.figures import subset_heatmap
