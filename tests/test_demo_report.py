@@ -11,7 +11,8 @@ import pytest
 from passion.demo import Budget, run_demo
 
 PASSION_BIN = Path(sys.executable).with_name("passion")
-TOY = Budget(cases=5, shape=(32, 32, 32), patch=16, epochs=2, iters_per_epoch=2, min_size=32)
+# 7 cases: 2 test, 1 val, 4 training (fewer training cases leave a modality in none under mr2468)
+TOY = Budget(cases=7, shape=(32, 32, 32), patch=16, epochs=2, iters_per_epoch=2, min_size=32)
 TOY_OVERRIDES = ["model.base_width=4", "train.threads=1", "train.precision=fp32"]
 
 
@@ -34,6 +35,10 @@ def test_demo_leaves_a_report_with_both_runs_all_subsets_and_figures(demo_dir):
     assert sum(line.startswith("| ") for line in dice_table.splitlines()) == 1 + 15 + 1  # header, subsets, mean
     assert "realised missing" in report and "| flair |" in report
     assert "`objective.name`" in report  # the configs that differ
+    # validation on the demo's val case every epoch: val curves in the report, best.pt in both runs
+    assert "Dice on the val cases during training" in report
+    for run in ("baseline", "passion"):
+        assert (demo_dir / run / "checkpoints" / "best.pt").is_file()
 
 
 def test_demo_rerun_skips_finished_work(demo_dir):

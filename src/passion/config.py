@@ -96,6 +96,10 @@ class TrainConfig:
     log_every: int = 1
     tensorboard: bool = False
     distributed_backend: str = "auto"  # auto: nccl on CUDA, gloo otherwise
+    # validation on the split's val cases (engine/validation.py); best.pt keeps the best val_score
+    val_every: int | None = None  # epochs between validations; null: max(1, round(epochs / 10)); always after the last
+    val_cases: int | None = 8  # a fixed, seeded subsample of the val list; null: all; 0: no validation
+    val_subsets: str = "all"  # subsets whose mean Dice is the score (the full subset is always scored too)
 
 
 @dataclass
@@ -235,6 +239,12 @@ def normalise(cfg: Config) -> Config:
         raise ConfigError(f"train.batch_size must be a positive integer, got {t.batch_size!r}")
     if t.iters_per_epoch is not None and not (isinstance(t.iters_per_epoch, int) and t.iters_per_epoch > 0):
         raise ConfigError(f"train.iters_per_epoch must be a positive integer or null, got {t.iters_per_epoch!r}")
+    if t.val_every is not None and not (isinstance(t.val_every, int) and t.val_every > 0):
+        raise ConfigError(f"train.val_every must be a positive integer or null, got {t.val_every!r}")
+    if t.val_cases is not None and not (isinstance(t.val_cases, int) and t.val_cases >= 0):
+        raise ConfigError(f"train.val_cases must be a non-negative integer or null (all), got {t.val_cases!r}")
+    if not (isinstance(t.val_subsets, str) and t.val_subsets.strip()):
+        raise ConfigError(f"train.val_subsets must be 'all' or subsets like 'flair+t1ce,t2', got {t.val_subsets!r}")
     if not 0 <= cfg.eval.overlap < 1:
         raise ConfigError(f"eval.overlap must be in [0, 1), got {cfg.eval.overlap!r}")
     return cfg

@@ -2,8 +2,9 @@
 
 Exact resume is a design goal: the data order and augmentation of every iteration are a pure
 function of (seed, epoch, index), and a checkpoint carries everything else that changes
-(weights, optimiser, objective state, RNG states, position in the epoch), so a run killed at
-any point and resumed reaches the same weights and metrics as an uninterrupted one.
+(weights, optimiser, objective state, RNG states, position in the epoch, best validation score),
+so a run killed at any point and resumed reaches the same weights and metrics as an
+uninterrupted one. Validation (engine/validation.py) consumes no training RNG.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ..data.cache import read_index, read_spec
 from ..data.spec import DatasetSpec
 from ..utils import PassionError, atomic_write_text, progress
 from .checkpoint import build_model_for, load_checkpoint, save_checkpoint
+from .validation import is_better, is_validation_epoch
 from .runtime import autocast, configure_host, resolve_device, warn_if_slow_precision
 from .distributed import DistContext, init_distributed, shutdown
 
@@ -92,6 +94,8 @@ class Trainer:
         self._setup_data()
         self._setup_model_and_objective()
         self.state = TrainState()
+        self.best: dict | None = None  # {"val_score", "epoch" (0-based), "step"} of best.pt
+        self.last_val = ""  # progress-bar text of the latest validation
         if resume:
             self._resume()
         elif self.dist.is_main:
@@ -151,6 +155,33 @@ class Trainer:
                                   f"{cfg.data.split}; PASSION's availability weight would divide by zero")
         per_iter = cfg.train.batch_size * self.dist.world_size
         self.iters_per_epoch = cfg.train.iters_per_epoch or math.ceil(len(self.train_cases) / per_iter)
+        self._setup_validation(split)
+
+    def _setup_validation(self, split) -> None:
+        """The fixed val cases (checked now, so that a bad val list fails before training)."""
+        from ..data.cache import case_dir
+        from .evaluate import _match_cache_names
+        from .validation import select_val_cases, validation_subsets
+
+        t = self.cfg.train
+        try:
+            validation_subsets(self.spec, t.val_subsets)
+        except PassionError as exc:
+            raise ConfigError(str(exc)) from None
+        self.val_note = ""
+        if t.val_cases == 0:
+            self.val_names: list[str] = []
+            self.val_note = "validation is off (train.val_cases=0)"
+        elif not split.val:
+            self.val_names = []
+            self.val_note = f"validation skipped: split {self.cfg.data.split} has no val cases"
+        else:
+            names = _match_cache_names(select_val_cases(split.val, t.val_cases, t.seed), Path(self.cfg.data.cache))
+            unlabelled = [n for n in names if not (case_dir(self.cfg.data.cache, n) / "label.npy").is_file()]
+            if unlabelled:
+                raise ConfigError(f"val case {unlabelled[0]!r} in {self.cfg.data.cache} has no label; "
+                                  f"it cannot be validated")
+            self.val_names = names
 
     def _training_masks(self, split, index: dict) -> list[tuple[bool, ...]]:
         """Each training case's fixed mask: the split's table (idt*) or all it has (pdt), never
@@ -216,6 +247,7 @@ class Trainer:
             "iteration": self.state.iteration,
             "step": self.state.step,
             "world_size": self.dist.world_size,
+            "best": self.best,
         }
 
     def save(self, name: str) -> None:
@@ -242,6 +274,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
         self.state = TrainState(epoch=ckpt["epoch"], iteration=ckpt["iteration"], step=ckpt["step"])
+        self.best = ckpt.get("best")
         if self.dist.is_main:
             self._truncate_metrics()
             log.info("resumed from epoch %d iteration %d", self.state.epoch, self.state.iteration)
@@ -289,6 +322,10 @@ class Trainer:
                     for sub, v in value.items():
                         if isinstance(v, (int, float)):
                             self._tb.add_scalar(f"{tag}/{key}/{sub}", v, x)
+                        elif isinstance(v, dict):  # val_dice: {"full"|"mean": {region: dice}}
+                            for leaf, w in v.items():
+                                if isinstance(w, (int, float)):
+                                    self._tb.add_scalar(f"{tag}/{key}/{sub}/{leaf}", w, x)
 
     # ----------------------------------------------------------------- loop
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -321,6 +358,8 @@ class Trainer:
         bar = progress(total=total_steps, desc="train", disable=not self.dist.is_main)
         bar.update(self.state.step)
         self.step_module.train()
+        if self.val_note and self.dist.is_main:
+            log.info(self.val_note)
         with bar:
             while self.state.epoch < t.epochs:
                 epoch = self.state.epoch
@@ -331,11 +370,11 @@ class Trainer:
                     self.objective.start_epoch(epoch)
                 for batch in self._batches(epoch, self.state.iteration):
                     record = self._train_step(batch, epoch, lr)
-                    bar.update(1, status=f"epoch {epoch + 1}/{t.epochs} loss {record['loss']:.4f}")
+                    bar.update(1, status=f"epoch {epoch + 1}/{t.epochs} loss {record['loss']:.4f}{self.last_val}")
                     if t.checkpoint_every_iters and self.state.step % t.checkpoint_every_iters == 0 \
                             and self.state.iteration < self.iters_per_epoch:
                         self.save("last.pt")
-                self._end_epoch(epoch, lr)
+                self._end_epoch(epoch, lr, bar)
         if self._tb is not None:
             self._tb.close()
         self.dist.barrier()
@@ -373,18 +412,50 @@ class Trainer:
             self._write_metrics(record)
         return record
 
-    def _end_epoch(self, epoch: int, lr: float) -> None:
+    def _end_epoch(self, epoch: int, lr: float, bar=None) -> None:
         stats = self.objective.end_epoch(epoch) or {}
         record = {"type": "epoch", "epoch": epoch, "step": self.state.step, "lr": lr}
         record.update(stats)
         record.update(self._epoch_loss_means(epoch))
+        val = self._validate(epoch, bar)
+        record.update(val)
         self._write_metrics(record)
         self.state.epoch += 1
         self.state.iteration = 0
+        if val and is_better(val["val_score"], self.best):
+            self.best = {"val_score": val["val_score"], "epoch": epoch, "step": self.state.step}
+            self.save("best.pt")  # before last.pt: a kill in between replays the epoch to the same decision
         self.save("last.pt")
         if (epoch + 1) in set(self.cfg.train.save_epochs):
             self.save(f"epoch_{epoch + 1:04d}.pt")
         log.info("epoch %d done: %s", epoch, {k: v for k, v in record.items() if not isinstance(v, dict)})
+
+    def _validate(self, epoch: int, bar=None) -> dict:
+        """Validation fields of the epoch record (empty when this epoch does not validate).
+
+        Rank 0 validates with the unwrapped model while the other ranks wait; the result is
+        broadcast so that every rank holds the same best score."""
+        t = self.cfg.train
+        if not self.val_names or not is_validation_epoch(epoch, t.epochs, t.val_every):
+            return {}
+        result: dict = {}
+        if self.dist.is_main:
+            from .validation import validate
+
+            status = None
+            if bar is not None:
+                status = lambda text: bar.set_status(f"epoch {epoch + 1}/{t.epochs} {text}")  # noqa: E731
+            result = validate(self.model, self.cfg.data.cache, self.val_names, self.spec,
+                              roi_size=self.cfg.model.patch_size, subsets=t.val_subsets,
+                              overlap=self.cfg.eval.overlap, sw_batch_size=self.cfg.eval.sw_batch_size or 1,
+                              device=self.device, precision=t.precision, status=status)
+        result = self.dist.broadcast_object(result)
+        mean = result["val_dice"]["mean"]
+        self.last_val = " | val " + " ".join(f"{r} {v:.2f}" for r, v in mean.items() if v is not None)
+        if self.dist.is_main:
+            log.info("epoch %d validation on %d cases: score %s, mean Dice over subsets %s, full subset %s",
+                     epoch, result["val_cases"], result["val_score"], mean, result["val_dice"]["full"])
+        return result
 
     def _epoch_loss_means(self, epoch: int) -> dict:
         """Epoch means of the per-iteration losses (scalars and per-modality objects), read back
@@ -411,24 +482,29 @@ class Trainer:
         shutdown(self.dist)
 
 
-def _setup_logging(run_dir: Path, is_main: bool) -> None:
+def _setup_logging(run_dir: Path, is_main: bool) -> logging.Handler | None:
     if not is_main:
-        return
+        return None
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    return handler
 
 
 def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     """Train a model as `cfg` says; returns the run directory. The Python API under `passion train`."""
     trainer = Trainer(cfg, resume=resume, force=force)
+    handler = None
     try:
-        _setup_logging(trainer.run_dir, trainer.dist.is_main)
+        handler = _setup_logging(trainer.run_dir, trainer.dist.is_main)
         note = warn_if_slow_precision(trainer.device, cfg.train.precision) if trainer.dist.is_main else None
         if note:
             log.warning(note)
         return trainer.train()
     finally:
         trainer.close()
+        if handler is not None:  # a later run in this process (the demo's second objective) logs elsewhere
+            log.removeHandler(handler)
+            handler.close()

@@ -158,12 +158,26 @@ def _smooth(y: np.ndarray, n: int) -> np.ndarray:
 
 
 def _training_curves(runs: list[RunRecord], path: Path) -> list[str]:
-    """Total loss per run and per-modality single-modality losses; returns per-modality keys found."""
+    """Total loss per run and per-modality single-modality losses, and below them the validation
+    Dice per region (full subset and mean over subsets) of runs that validated; returns the
+    per-modality keys found."""
+    from .figures import draw_val_dice, val_regions
+
     iters = {r.label: [m for m in r.metrics if m.get("type") == "iter"] for r in runs}
     mod_keys = [k for k in PER_MODALITY_LOSSES if any(isinstance(rec.get(k), dict)
                                                       for recs in iters.values() for rec in recs)]
-    ncols = 1 + len(mod_keys)
-    fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 3.6), squeeze=False)
+    validated = {r.label: r.metrics for r in runs if val_regions(r.metrics)}
+    val_regs = [reg for reg in runs[0].regions if any(reg in val_regions(m) for m in validated.values())]
+    ncols = max(1 + len(mod_keys), len(val_regs))
+    nrows = 2 if val_regs else 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes[0][1 + len(mod_keys):]:
+        ax.axis("off")
+    if val_regs:
+        for ax, reg in zip(axes[1], val_regs):
+            draw_val_dice(ax, validated, reg)
+        for ax in axes[1][len(val_regs):]:
+            ax.axis("off")
     ax = axes[0][0]
     for r in runs:
         recs = iters[r.label]
@@ -301,6 +315,9 @@ def write_comparison_report(run_dirs: list[str | Path], out_dir: str | Path, spl
         parts += ["## Dice difference to the reference run\n", "![delta heatmap](delta_dice.png)\n"]
     _training_curves(runs, out / "training_curves.png")
     parts += ["## Training curves\n", "![training curves](training_curves.png)\n"]
+    if any(any(isinstance(m.get("val_dice"), dict) for m in r.metrics) for r in runs):
+        parts += ["Bottom row: Dice on the val cases during training, full subset (solid) and mean over "
+                  "subsets (dashed); `checkpoints/best.pt` holds the epoch with the best mean.\n"]
     if _preference_curves(runs, out / "preference.png"):
         parts += ["## PASSION: task-wise weights and relative preference per modality\n",
                   "![beta and relative preference](preference.png)\n"]

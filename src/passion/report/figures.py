@@ -72,3 +72,64 @@ def subset_heatmap(results: dict, path: str | Path, title: str | None = None) ->
         title = f"Dice per modality subset ({results.get('split', '')}, {len(results.get('cases', []))} cases)"
     return heatmap(values, labels, regions, path, title=title, colorbar_label="Dice",
                    bold_rows=[len(labels) - 1])
+
+
+# validation Dice per epoch (the trainer's epoch records with "val_dice", see engine/validation.py)
+VAL_KINDS = (("full", "full subset", "-"), ("mean", "mean over subsets", "--"))
+
+
+def val_dice_series(records: Sequence[dict], kind: str, region: str) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs, Dice) of one region's "full" or "mean" validation Dice; epochs 1-based (epochs completed)."""
+    pts = [(r["epoch"] + 1, r["val_dice"][kind][region]) for r in records
+           if r.get("type") == "epoch" and isinstance(r.get("val_dice"), dict)
+           and isinstance(r["val_dice"].get(kind, {}).get(region), (int, float))]
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    x, y = np.array(pts, dtype=float).T
+    return x, y
+
+
+def val_regions(records: Sequence[dict]) -> list[str]:
+    """Regions that a run's validation records carry, in their order."""
+    for r in records:
+        if r.get("type") == "epoch" and isinstance(r.get("val_dice"), dict):
+            return list(r["val_dice"].get("mean", r["val_dice"].get("full", {})))
+    return []
+
+
+def draw_val_dice(ax, runs: dict[str, Sequence[dict]], region: str, colors: Sequence | None = None) -> bool:
+    """One region's validation Dice of every run on `ax`: full subset solid, mean over subsets dashed."""
+    drawn = False
+    for k, (label, records) in enumerate(runs.items()):
+        color = colors[k % len(colors)] if colors else f"C{k}"
+        for kind, name, style in VAL_KINDS:
+            x, y = val_dice_series(records, kind, region)
+            if len(x):
+                ax.plot(x, y, style, marker="o", ms=3, color=color, label=f"{label} {name}")
+                drawn = True
+    ax.set_title(f"validation Dice {region}")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("Dice")
+    ax.set_ylim(-0.02, 1.02)
+    if drawn:
+        ax.legend(fontsize=7)
+    return drawn
+
+
+def val_dice_curves(runs: dict[str, Sequence[dict]], path: str | Path, regions: Sequence[str] | None = None,
+                    title: str = "") -> Path | None:
+    """Validation Dice per epoch, one panel per region (None when no run has validation records).
+
+    `runs` maps a label to the run's metrics.jsonl records."""
+    if regions is None:
+        regions = next((val_regions(recs) for recs in runs.values() if val_regions(recs)), [])
+    if not regions:
+        return None
+    fig, axes = plt.subplots(1, len(regions), figsize=(4.2 * len(regions), 3.4), squeeze=False)
+    for ax, region in zip(axes[0], regions):
+        draw_val_dice(ax, runs, region)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
