@@ -91,15 +91,54 @@ def test_idt_drop_draws_subsets_within_case_mask(cache):
     check_item(ds[2], (True, False, True, True))
 
 
-def test_pdt_covers_every_subset(cache):
-    ds = TrainDataset(cache, NAMES, None, "pdt", (4, 4, 4), augment=False, seed=1)
+def test_pdt_covers_every_subset_and_encoders_see_every_modality(cache):
+    complete = ["case_0", "case_1", "case_3"]
+    ds = TrainDataset(cache, complete, None, "pdt", (4, 4, 4), augment=True, seed=1)
     seen = set()
     for epoch in range(60):
         ds.set_epoch(epoch)
-        seen.add(tuple(ds[0]["mask"].tolist()))
-        assert not ds[2]["mask"][1]  # genuinely missing is never reported as available
+        item = ds[0]
+        seen.add(tuple(item["mask"].tolist()))
+        # the drawn subset masks only the fused teacher: no image channel is zeroed
+        assert all(torch.count_nonzero(item["image"][m]) > 0 for m in range(4))
     assert len(seen) == 15
-    assert ds.availability_counts() == [4, 4, 4, 4]
+    assert ds.availability_counts() == [3, 3, 3, 3]
+
+
+def test_pdt_refuses_a_case_with_a_missing_modality_file(cache):
+    with pytest.raises(PassionError, match="pdt.*case_2"):
+        TrainDataset(cache, NAMES, None, "pdt", (4, 4, 4), augment=False, seed=1)
+
+
+def _foreground_share(ds: TrainDataset, epochs: int) -> float:
+    hits = total = 0
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            hits += int(ds[i]["target"].any())
+            total += 1
+    return hits / total
+
+
+def test_foreground_oversampling_keeps_its_promise(tmp_path):
+    """A 1-voxel-per-class lesion in a 24^3 volume: uniform 8^3 crops rarely contain it, while a
+    fraction f of oversampled crops always does, so the share with foreground is >= f."""
+    shape = (24, 24, 24)
+    image = np.random.default_rng(0).normal(size=(4, *shape)).astype(np.float32) + 2.0
+    label = np.zeros(shape, np.uint8)
+    label[3, 4, 5], label[20, 18, 2] = 1, 3
+    write_case(tmp_path, "c", image, label, {"name": "c", "available": [True] * 4})
+    write_index(tmp_path, SPEC, [{"name": "c", "available": [True] * 4, "shape": list(shape)}])
+    always = TrainDataset(tmp_path, ["c"], None, "idt", PATCH, augment=True, seed=2, foreground_fraction=1.0)
+    assert _foreground_share(always, 40) == 1.0
+    uniform = TrainDataset(tmp_path, ["c"], None, "idt", PATCH, augment=False, seed=2, foreground_fraction=0.0)
+    assert _foreground_share(uniform, 200) < 0.15
+    third = TrainDataset(tmp_path, ["c"], None, "idt", PATCH, augment=False, seed=2, foreground_fraction=1 / 3)
+    share = _foreground_share(third, 300)
+    # binomial(300, >= 1/3): 3 standard deviations below 1/3 is 0.25
+    assert share >= 0.25
+    with pytest.raises(PassionError, match="foreground_fraction"):
+        TrainDataset(tmp_path, ["c"], None, "idt", PATCH, foreground_fraction=1.5)
 
 
 def test_determinism_by_seed_epoch_index(cache):

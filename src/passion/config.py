@@ -49,6 +49,8 @@ class DataConfig:
     setting: str = "idt"
     augment: bool = True
     workers: int = 0
+    # share of training patches centred on a foreground voxel (nnU-Net: 0.33); 0 = uniform crops
+    foreground_fraction: float = 0.33
 
 
 @dataclass

@@ -36,13 +36,23 @@ def _crop_and_pad(arr: np.ndarray, starts: Sequence[int], patch: Sequence[int]) 
     return np.array(out, copy=True)
 
 
+def centred_starts(spatial: Sequence[int], patch: Sequence[int], center: Sequence[int]) -> list[int]:
+    """Patch origin that centres `center` in the patch, shifted back inside the volume."""
+    return [int(np.clip(int(c) - p // 2, 0, max(n - p, 0))) for c, p, n in zip(center, patch, spatial)]
+
+
 def random_crop(image: np.ndarray, label: np.ndarray | None, patch: Sequence[int],
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray | None]:
-    """Uniformly placed patch; a volume smaller than the patch is zero-padded (at the end)."""
+                rng: np.random.Generator,
+                center: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Uniformly placed patch, or one centred on `center` (foreground oversampling); a volume
+    smaller than the patch is zero-padded (at the end)."""
     spatial = image.shape[1:]
     if len(patch) != len(spatial):
         raise ValueError(f"patch {tuple(patch)} does not match volume {tuple(spatial)}")
-    starts = [int(rng.integers(0, n - p + 1)) if n > p else 0 for n, p in zip(spatial, patch)]
+    if center is not None:
+        starts = centred_starts(spatial, patch, center)
+    else:
+        starts = [int(rng.integers(0, n - p + 1)) if n > p else 0 for n, p in zip(spatial, patch)]
     img = _crop_and_pad(image, starts, patch).astype(np.float32, copy=False)
     lab = _crop_and_pad(label, starts, patch) if label is not None else None
     return img, lab
@@ -93,13 +103,15 @@ def random_flip(image: np.ndarray, label: np.ndarray | None,
 
 def augment_patch(image: np.ndarray, label: np.ndarray | None, patch: Sequence[int],
                   available: Sequence[bool], rng: np.random.Generator,
-                  config: AugmentConfig | None = AugmentConfig()) -> tuple[np.ndarray, np.ndarray | None]:
-    """Crop to `patch`, then (if `config`) rotate, jitter intensities and flip.
+                  config: AugmentConfig | None = AugmentConfig(),
+                  center: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Crop to `patch` (centred on `center` when given), then (if `config`) rotate, jitter
+    intensities and flip.
 
     `config=None` gives the crop only. Unavailable channels are zero on return.
     """
     available = [bool(v) for v in available]
-    img, lab = random_crop(image, label, patch, rng)
+    img, lab = random_crop(image, label, patch, rng, center)
     for m, on in enumerate(available):
         if not on:
             img[m] = 0.0

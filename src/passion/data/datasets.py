@@ -73,8 +73,34 @@ def availability_counts(masks: Mapping[str, Sequence[bool]] | Sequence[Sequence[
     return counts
 
 
+# Foreground voxels remembered per case and class for oversampling (a subsample is plenty).
+_MAX_LOCATIONS = 10_000
+
+
+def class_locations(label: np.ndarray, seed: int = 0) -> dict[int, np.ndarray]:
+    """{class: [K, ndim] voxel coordinates} of every foreground class, at most _MAX_LOCATIONS each."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for c in np.unique(label):
+        if c == 0:
+            continue
+        coords = np.argwhere(label == c)
+        if len(coords) > _MAX_LOCATIONS:
+            coords = coords[np.sort(rng.choice(len(coords), _MAX_LOCATIONS, replace=False))]
+        out[int(c)] = coords
+    return out
+
+
 class TrainDataset(Dataset):
     """Random patches with their modality mask for the idt / idt_drop / pdt settings.
+
+    A fraction `foreground_fraction` of the patches is centred on a foreground voxel (a class
+    drawn uniformly among those the case has, then a voxel of it), as nnU-Net oversamples a
+    third of its patches; the others are placed uniformly. Small lesions in large volumes are
+    otherwise rarely seen, and every patch without them teaches only "background".
+
+    In pdt (complete data) the encoders see every modality: the drawn subset is returned as
+    `mask` for the fused teacher, but no image channel is zeroed (METHOD.md section 5).
 
     For 2D datasets (spec.spatial_dims == 2) an item is a random slice of the subject, cropped to
     a 2D patch: [M, h, w]; a subject (not a slice) is the unit of the split and of an epoch."""
@@ -83,7 +109,7 @@ class TrainDataset(Dataset):
                  masks: Mapping[str, Sequence[bool]] | Sequence[Sequence[bool]] | None = None,
                  setting: str = "idt", patch_size: Sequence[int] = (80, 80, 80), augment: bool = True,
                  seed: int = 1037, spec: DatasetSpec | None = None,
-                 augment_config: AugmentConfig | None = None) -> None:
+                 augment_config: AugmentConfig | None = None, foreground_fraction: float = 0.0) -> None:
         if setting not in SETTINGS:
             raise PassionError(f"unknown training setting {setting!r}; expected one of {', '.join(SETTINGS)}")
         from .cache import read_spec
@@ -96,8 +122,17 @@ class TrainDataset(Dataset):
         self.augment_config = (augment_config or AugmentConfig()) if augment else None
         self.seed = int(seed)
         self.epoch = 0
+        if not 0.0 <= float(foreground_fraction) <= 1.0:
+            raise PassionError(f"foreground_fraction must be in [0, 1], got {foreground_fraction!r}")
+        self.foreground_fraction = float(foreground_fraction)
+        self._locations: dict[str, dict[int, np.ndarray]] = {}
         genuine = _cache_availability(cache, self.spec)
         _check_names(cache, self.names, genuine)
+        if setting == "pdt":
+            incomplete = [n for n in self.names if not all(genuine[n])]
+            if incomplete:
+                raise PassionError(f"data.setting=pdt trains on complete cases, but {incomplete[0]!r} "
+                                   f"({len(incomplete)} cases in all) lacks a modality file; use idt or idt_drop")
         split_masks = self._split_masks(masks)
         self.masks: list[Mask] = [effective_mask(split_masks[i], genuine[n]) for i, n in enumerate(self.names)]
         self._choices = [_sub_subsets(m, self.spec) for m in self.masks]
@@ -141,6 +176,20 @@ class TrainDataset(Dataset):
         choices = self._choices[index]
         return choices[int(rng.integers(0, len(choices)))]
 
+    def _foreground_voxel(self, index: int, label: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+        """With probability foreground_fraction a foreground voxel to centre the patch on, else None."""
+        if self.foreground_fraction <= 0.0 or rng.random() >= self.foreground_fraction:
+            return None
+        name = self.names[index]
+        if name not in self._locations:
+            self._locations[name] = class_locations(np.asarray(label), seed=self.seed)
+        locations = self._locations[name]
+        if not locations:
+            return None
+        classes = sorted(locations)
+        coords = locations[classes[int(rng.integers(0, len(classes)))]]
+        return coords[int(rng.integers(0, len(coords)))]
+
     def __getitem__(self, index: int) -> dict:
         rng = self.rng_for(index)
         name = self.names[index]
@@ -149,11 +198,16 @@ class TrainDataset(Dataset):
         if case.label is None:
             raise PassionError(f"case {name!r} in {self.cache} has no labels; it cannot be used for training")
         image, label = case.image, case.label
+        center = self._foreground_voxel(index, label, rng)
         if self.spec.spatial_dims == 2 and image.ndim == 4:
             # 2D datasets store each subject as a slice stack [M, H, W, S]: one random slice per draw
-            z = int(rng.integers(0, image.shape[-1]))
+            # (the foreground voxel's slice when one was drawn)
+            z = int(rng.integers(0, image.shape[-1])) if center is None else int(center[-1])
             image, label = image[..., z], label[..., z]
-        image, label = augment_patch(image, label, self.patch_size, mask, rng, self.augment_config)
+            center = None if center is None else center[:-1]
+        # pdt: every encoder sees its modality; only the fused teacher uses the drawn subset
+        seen = self.masks[index] if self.setting == "pdt" else mask
+        image, label = augment_patch(image, label, self.patch_size, seen, rng, self.augment_config, center)
         return {
             "image": torch.from_numpy(image.astype(np.float32, copy=False)),
             "target": torch.from_numpy(label.astype(np.int64)),

@@ -147,7 +147,8 @@ class Trainer:
         masks = self._training_masks(split, index)
         self.dataset = TrainDataset(
             cfg.data.cache, self.train_cases, masks, setting=cfg.data.setting, patch_size=patch,
-            augment=cfg.data.augment, seed=cfg.train.seed, spec=self.spec)
+            augment=cfg.data.augment, seed=cfg.train.seed, spec=self.spec,
+            foreground_fraction=cfg.data.foreground_fraction)
         self.availability = availability_counts(masks)
         for m, n in enumerate(self.availability):
             if n == 0 and cfg.data.setting != "pdt":
