@@ -35,6 +35,8 @@ def test_demo_leaves_a_report_with_both_runs_all_subsets_and_figures(demo_dir):
     assert sum(line.startswith("| ") for line in dice_table.splitlines()) == 1 + 15 + 1  # header, subsets, mean
     assert "realised missing" in report and "| flair |" in report
     assert "`objective.name`" in report  # the configs that differ
+    paired = report.split("## PASSION versus baseline, paired by seed")[1].split("##")[0]
+    assert "paired on 1 seed: WT" in paired and "One seed decides nothing" in paired
     # validation on the demo's val case every epoch: val curves in the report, best.pt in both runs
     assert "Dice on the val cases during training" in report
     for run in ("baseline", "passion"):

@@ -308,6 +308,7 @@ def write_comparison_report(run_dirs: list[str | Path], out_dir: str | Path, spl
              f"Evaluated on split `{split}`, {_count(runs[0].results.get('cases'))} cases, {len(names)} modality subsets. "
              f"Conventions: {json.dumps(conv)}\n",
              "## Mean over subsets\n", _mean_table(runs), "",
+             *_paired_section(runs),
              "## Dice per subset (higher is better, best in bold)\n", _comparison_table(runs, "dice"), "",
              "## HD95 per subset in mm (lower is better, best in bold)\n", _comparison_table(runs, "hd95"), ""]
     if len(runs) > 1:
@@ -326,6 +327,22 @@ def write_comparison_report(run_dirs: list[str | Path], out_dir: str | Path, spl
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts))
     return report
+
+
+def _paired_section(runs: list[RunRecord]) -> list[str]:
+    """PASSION minus baseline over the pairs of runs that share a split and a training seed."""
+    from .paired import paired_comparison, paired_line
+
+    def key(r: RunRecord) -> tuple:
+        return r.config["model"]["name"], r.config["data"]["split"], r.config["train"]["seed"]
+
+    baselines = {key(r): r for r in runs if r.config["objective"]["name"] == "baseline"}
+    pairs = [(baselines[key(r)], r) for r in runs
+             if r.config["objective"]["name"] == "passion" and key(r) in baselines]
+    if not pairs:
+        return []
+    comparison = paired_comparison([b.results for b, _ in pairs], [p.results for _, p in pairs], runs[0].regions)
+    return ["## PASSION versus baseline, paired by seed\n", paired_line(comparison), ""]
 
 
 def _mean_table(runs: list[RunRecord]) -> str:
