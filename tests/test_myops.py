@@ -187,7 +187,7 @@ def test_demo_myops_and_synth_cli(tmp_path):
     import sys
     from pathlib import Path
 
-    from passion.demo import Budget, run_demo
+    from passion.demo import MYOPS_BUDGETS, Budget, run_demo
 
     passion_bin = Path(sys.executable).with_name("passion")
     res = subprocess.run([str(passion_bin), "synth", str(tmp_path / "s"), "--dataset", "myops2020", "--cases", "1",
@@ -197,10 +197,19 @@ def test_demo_myops_and_synth_cli(tmp_path):
         "myops_synth_101_C0.nii.gz", "myops_synth_101_DE.nii.gz", "myops_synth_101_T2.nii.gz",
         "myops_synth_101_gd.nii.gz", "synth.json"]
 
-    toy = Budget(cases=4, shape=(48, 48, 4), patch=32, epochs=1, iters_per_epoch=2, min_size=48)
+    # 7 subjects: val 0.15 and test 0.25 leave 4 for training, enough for every modality under mr357.
+    # A budget's own overrides apply to both runs; the caller's win over them.
+    toy = Budget(cases=7, shape=(48, 48, 4), patch=32, epochs=1, iters_per_epoch=2, min_size=48,
+                 overrides=("train.lr=5e-3", "train.threads=2"))
     report = run_demo(tmp_path / "demo", budget=toy, dataset="myops2020", log=lambda *_: None,
                       overrides=["model.base_width=4", "train.threads=1", "train.precision=fp32"])
     assert report.is_file()
+    import yaml
+
+    for objective in ("baseline", "passion"):
+        saved = yaml.safe_load((tmp_path / "demo" / objective / "config.yaml").read_text())["train"]
+        assert float(saved["lr"]) == 5e-3 and saved["threads"] == 1
+    assert all("train.threads=1" in b.overrides for b in MYOPS_BUDGETS.values())  # see demo.py
     split = json.loads((tmp_path / "demo" / "split" / "split.json").read_text())
     assert json.dumps(split).count("0.7") >= 1  # the mr357 nominal rates are recorded
     results = json.loads((tmp_path / "demo" / "passion" / "eval" / "test" / "results.json").read_text())

@@ -27,6 +27,8 @@ class Budget:
     epochs: int
     iters_per_epoch: int | None
     min_size: int  # 2D datasets: the in-plane centre crop size
+    # extra `--set` overrides of this budget's runs (e.g. the MyoPS recipe); the caller's overrides win
+    overrides: tuple[str, ...] = ()
 
 
 BUDGETS = {
@@ -37,13 +39,22 @@ BUDGETS = {
     "full": Budget(cases=40, shape=(64, 64, 64), patch=48, epochs=40, iters_per_epoch=None, min_size=48),
 }
 
-# MyoPS phantoms: shape is H W S (slices last), patches are 2D slices of patch x patch
+# MyoPS phantoms: shape is H W S (slices last), patches are 2D slices of patch x patch.
+# MYOPS_RECIPE: one intra-op thread and the demo's lr 1e-2. A 2D RFNet step at 64^2 is ~4,600 small ATen
+# ops (7,700 with PASSION), each an OpenMP fork/join when 2 threads are asked for; on 2 cores that also run
+# other work every join waits for a descheduled thread. Measured on 2 busy cores (load ~4), the former
+# quick budget (6 x 20 steps): 2 threads 572 s end to end (median step 0.21 s baseline / 0.42 s PASSION,
+# p90 2.4 / 5.3 s, evaluation 3.7 / 12 s per test subject), 1 thread 45 s (52 / 93 ms per step, 0.45 s
+# per subject). "quick" below: 60 one-pass epochs (12 training subjects, 720 steps per objective),
+# 2.4-2.5 min end to end on the same busy cores, full-subset Dice LV/RV/MYO >= 0.94 for both objectives
+# at seeds 1037, 1038 and 2024 (benchmarks/README.md, "MyoPS quick demo").
+MYOPS_RECIPE = ("train.threads=1", "train.lr=1e-2")
 MYOPS_BUDGETS = {
-    # crop == patch: one window per slice at evaluation. Measured on 2 shared, busy cores: about 3.5 s
-    # per baseline training iteration (rfnet, 64^2, batch 1) and ~37 s of evaluation per test subject
-    # (8 slices, 7 subsets), so "quick" is roughly 20-30 minutes there (not re-measured end to end).
-    "quick": Budget(cases=20, shape=(80, 80, 8), patch=64, epochs=6, iters_per_epoch=20, min_size=64),
-    "full": Budget(cases=40, shape=(128, 128, 10), patch=96, epochs=30, iters_per_epoch=50, min_size=96),
+    # crop == patch: one window per slice at evaluation
+    "quick": Budget(cases=20, shape=(80, 80, 8), patch=64, epochs=60, iters_per_epoch=None, min_size=64,
+                    overrides=MYOPS_RECIPE),
+    "full": Budget(cases=40, shape=(128, 128, 10), patch=96, epochs=60, iters_per_epoch=None, min_size=96,
+                   overrides=MYOPS_RECIPE),
 }
 DATASET_BUDGETS = {"brats2020": BUDGETS, "myops2020": MYOPS_BUDGETS}
 DATASET_RATES = {"brats2020": ("mr2468", MR2468), "myops2020": ("mr357", MR357)}
@@ -110,7 +121,7 @@ def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", mode
         ]
         if b.iters_per_epoch:
             run_overrides.append(f"train.iters_per_epoch={b.iters_per_epoch}")
-        cfg = load_config(DEMO_CONFIG, run_overrides + list(overrides or []))
+        cfg = load_config(DEMO_CONFIG, run_overrides + list(b.overrides) + list(overrides or []))
         if not training_finished(run_dir, b.epochs):
             resume = (run_dir / "checkpoints" / "last.pt").is_file()
             log(f"[{step}/6] training {model} with the {objective} objective ({b.epochs} epochs)"
