@@ -1,12 +1,13 @@
-"""The scientific check on phantoms: baseline vs PASSION, same split (mr2468), several seeds.
+"""The scientific check on phantoms: the demo (baseline and PASSION, paired) over several seeds.
 
-For each backbone, trains the baseline and the PASSION objective from the same seeds on the
-same imbalanced split of the same phantoms, evaluates every modality subset on the held-out
-cases, and prints one JSON object: mean Dice over subsets per region (mean and spread over
-seeds) and the per-subset Dice, for each objective, plus PASSION minus baseline.
-Re-running with the same --out continues where it stopped (finished runs are reused).
+Each seed runs exactly `passion demo --seed S` (its own phantoms, mr2468 split, training seed;
+the demo's recipe and budget) under OUT/seed_S, so that baseline and PASSION of a seed form a
+pair. Prints one JSON object: per objective and seed the full-subset and mean-over-subsets Dice
+per region (and the issue's targets, met or not), and the paired difference PASSION minus
+baseline per region with a 95 % t-interval over seeds, also grouped by the rarest modality of each
+subset. Re-running with the same --out continues where it stopped (finished runs are reused).
 
-    .venv/bin/python benchmarks/accuracy.py --models rfnet --seeds 1037,1038 --epochs 10
+    .venv/bin/python benchmarks/accuracy.py --seeds 1,2,3,4,5 --jobs 2
 """
 from __future__ import annotations
 
@@ -14,90 +15,81 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-REGIONS = ("WT", "TC", "ET")
+OBJECTIVES = ("baseline", "passion")
 
 
-def prepare_data(out: Path, cases: int, shape: int, min_size: int, seed: int) -> tuple[Path, Path]:
-    from passion.data.preprocess import prepare_dataset
-    from passion.data.spec import get_spec
-    from passion.data.splits import make_split
-    from passion.data.synthetic import synthesize_dataset
-    from passion.demo import MR2468
+def run_seed(out: str, seed: int, budget: str, model: str, dataset: str, overrides: list[str]) -> str:
+    from passion.demo import run_demo
 
-    spec = get_spec("brats2020")
-    raw, cache, split = out / "raw", out / "cache", out / "split"
-    if not (raw / "synth.json").is_file():
-        synthesize_dataset(raw, cases=cases, shape=(shape,) * 3, seed=seed, spec=spec, force=True)
-    prepare_dataset(raw, cache, spec, min_size=min_size, progress=False)
-    if not (split / "split.json").is_file():
-        make_split(cache, split, val=0.0, test=0.25, seed=seed, missing_rates=[MR2468[m] for m in spec.modalities])
-    return cache, split
+    seed_out = Path(out) / f"seed_{seed}"
+    run_demo(seed_out, budget=budget, model=model, seed=seed, dataset=dataset, overrides=overrides,
+             log=lambda msg: print(f"[seed {seed}] {msg}", file=sys.stderr, flush=True))
+    return str(seed_out)
 
 
-def per_subset_dice(run_dir: Path) -> dict:
-    res = json.loads((run_dir / "eval" / "test" / "results.json").read_text())
-    return {"+".join(s["modalities"]): {r: s["dice"][r] for r in REGIONS} for s in res["subsets"]}
+def _results(seed_out: Path, objective: str) -> dict:
+    return json.loads((seed_out / objective / "eval" / "test" / "results.json").read_text())
 
 
-def mean_dice(run_dir: Path) -> dict:
-    res = json.loads((run_dir / "eval" / "test" / "results.json").read_text())
-    return {r: res["mean"]["dice"][r] for r in REGIONS}
-
-
-def _mean_sd(values: list[float]) -> dict:
-    n = len(values)
-    mean = sum(values) / n
-    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
-    return {"mean": round(mean, 4), "sd": round(sd, 4), "per_seed": [round(v, 4) for v in values]}
+def _full(results: dict) -> dict:
+    return max(results["subsets"], key=lambda s: len(s["modalities"]))["dice"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench_accuracy")
-    ap.add_argument("--models", default="rfnet")
-    ap.add_argument("--seeds", default="1037,1038")
-    ap.add_argument("--cases", type=int, default=32)
-    ap.add_argument("--shape", type=int, default=48)
-    ap.add_argument("--patch", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--data-seed", type=int, default=1037, help="phantoms and split (fixed across training seeds)")
+    ap.add_argument("--seeds", default="1,2,3,4,5", help="at least 5 for the paired intervals to mean much")
+    ap.add_argument("--budget", default="quick")
+    ap.add_argument("--model", default="rfnet")
+    ap.add_argument("--dataset", default="brats2020")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="seeds run in parallel; each job then uses train.threads = 2 // jobs (min 1)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
     args = ap.parse_args(argv)
 
-    from passion.demo import DEMO_CONFIG
-    from passion.engine.compare import run_comparison, parse_list
+    from passion.data.spec import get_spec
+    from passion.data.splits import training_description
+    from passion.engine.metrics import region_names
+    from passion.report.paired import paired_comparison, t_interval
 
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out = Path(args.out)
+    overrides = list(args.overrides)
+    if args.jobs > 1:
+        overrides.append(f"train.threads={max(1, 2 // args.jobs)}")
     started = time.time()
-    cache, split = prepare_data(out / "data", args.cases, args.shape, args.patch, args.data_seed)
-    seeds = parse_list(args.seeds, "--seeds", int)
-    result = {"budget": {"cases": args.cases, "shape": args.shape, "patch": args.patch, "epochs": args.epochs,
-                         "split": "mr2468", "seeds": seeds, "config": str(DEMO_CONFIG), "overrides": args.overrides},
-              "models": {}}
-    for model in parse_list(args.models, "--models"):
-        overrides = [f"data.cache={cache}", f"data.split={split}", f"model.name={model}",
-                     f"model.patch_size={args.patch}", f"train.epochs={args.epochs}", *args.overrides]
-        model_out = out / model
-        run_comparison(DEMO_CONFIG, ["baseline", "passion"], seeds, model_out, overrides=overrides,
-                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
-        entry = {}
-        for objective in ("baseline", "passion"):
-            runs = [model_out / f"{objective}_s{s}" for s in seeds]
-            means = [mean_dice(r) for r in runs]
-            subsets = [per_subset_dice(r) for r in runs]
-            entry[objective] = {
-                "mean_dice": {reg: _mean_sd([m[reg] for m in means]) for reg in REGIONS},
-                "per_subset_dice": {name: {reg: round(sum(s[name][reg] for s in subsets) / len(subsets), 4)
-                                           for reg in REGIONS} for name in subsets[0]},
+    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        seed_dirs = list(pool.map(run_seed, [str(out)] * len(seeds), seeds, [args.budget] * len(seeds),
+                                  [args.model] * len(seeds), [args.dataset] * len(seeds),
+                                  [overrides] * len(seeds)))
+    seed_dirs = [Path(d) for d in seed_dirs]
+    regions = region_names(get_spec(args.dataset))
+    per_objective = {}
+    for objective in OBJECTIVES:
+        res = [_results(d, objective) for d in seed_dirs]
+        full = [{r: _full(x)[r] for r in regions} for x in res]
+        mean = [{r: x["mean"]["dice"][r] for r in regions} for x in res]
+        per_objective[objective] = {
+            "per_seed": {str(s): {"full_subset": f, "mean_over_subsets": m} for s, f, m in zip(seeds, full, mean)},
+            "full_subset": {r: t_interval([f[r] for f in full]) for r in regions},
+            "mean_over_subsets": {r: t_interval([m[r] for m in mean]) for r in regions},
+        }
+        if args.dataset == "brats2020":
+            per_objective[objective]["targets"] = {
+                "full_WT_min_ge_0.85": min(f["WT"] for f in full) >= 0.85,
+                "mean_WT_ge_0.70": per_objective[objective]["mean_over_subsets"]["WT"]["mean"] >= 0.70,
+                "mean_TC_ge_0.50": per_objective[objective]["mean_over_subsets"]["TC"]["mean"] >= 0.50,
+                "mean_WT_min_ge_0.60": min(m["WT"] for m in mean) >= 0.60,
             }
-        entry["passion_minus_baseline"] = {
-            reg: _mean_sd([p[reg] - b[reg] for p, b in zip(
-                [mean_dice(model_out / f"passion_s{s}") for s in seeds],
-                [mean_dice(model_out / f"baseline_s{s}") for s in seeds])]) for reg in REGIONS}
-        result["models"][model] = entry
-    result["seconds"] = round(time.time() - started, 1)
+    present = [training_description(d / "split")["present"] for d in seed_dirs]
+    paired = paired_comparison([_results(d, "baseline") for d in seed_dirs],
+                               [_results(d, "passion") for d in seed_dirs], regions, present)
+    result = {"budget": args.budget, "model": args.model, "dataset": args.dataset, "seeds": seeds,
+              "overrides": args.overrides, "objectives": per_objective,
+              "passion_minus_baseline": paired, "seconds": round(time.time() - started, 1)}
     print(json.dumps(result, indent=2))
     return 0
 
