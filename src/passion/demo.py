@@ -33,8 +33,9 @@ class Budget:
 
 BUDGETS = {
     # 28 phantoms: 17 train, 4 val, 7 test. 50 epochs of 17 steps at lr 1e-2 (demo_cpu.yaml), validated every
-    # 10 epochs. The val Dice still climbs at the end (benchmarks/README.md, "Why the models did not learn"):
-    # more epochs buy accuracy at about 0.25 s (baseline) + 0.5 s (PASSION) per epoch-case on 2 cores.
+    # 10 epochs. 8 min 10 s end to end on 2 idle cores (training 3:00 baseline, 4:35 PASSION, both with
+    # validation). The val Dice still climbs at the end (benchmarks/README.md, "Why the models did not
+    # learn"): more epochs buy accuracy at about 0.2 s (baseline) + 0.3 s (PASSION) per epoch-case.
     "quick": Budget(cases=28, shape=(48, 48, 48), patch=32, epochs=50, iters_per_epoch=None, min_size=32,
                     overrides=("train.val_every=10",)),
     # the serious CPU benchmark, about an hour
