@@ -1,28 +1,34 @@
 """Seconds per training step and peak memory, baseline vs PASSION objective (prints JSON).
 
 One real objective step (losses, PASSION's batched single-modality fusion, backward,
-AdamW step) per backbone, objective and precision, each in a fresh subprocess so its peak
-RSS is its own. The default mask is PASSION's worst case, all four modalities available
-(`--available 2` is closer to the paper's mr2468 split, 1.9 modalities per case on average).
-`--dataset myops2020` measures the 2D path instead (3 modalities, 6 classes, size x size slices).
+AdamW step) per backbone, objective, precision and size. On the CPU every configuration runs
+in a fresh subprocess so its peak RSS is its own; on CUDA all run in this process, each with
+its own peak ``torch.cuda.max_memory_allocated`` (an out-of-memory configuration is recorded as
+an error and the next one runs). The default mask is PASSION's worst case, all four modalities
+available (`--available 2` is closer to the paper's mr2468 split, 1.9 modalities per case on
+average). `--dataset myops2020` measures the 2D path instead (3 modalities, 6 classes, size x
+size slices).
 
     .venv/bin/python benchmarks/train_step.py --models rfnet --size 80 --steps 2
     .venv/bin/python benchmarks/train_step.py --dataset myops2020 --size 64 --steps 10 --precisions fp32 --threads 1
+    python benchmarks/train_step.py --device cuda --models rfnet mmformer m2ftrans --sizes 80 128 --steps 5 --warmup 2
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
 import sys
+import time
 
 from models import _peak_mb, _rss_mb, configure, time_steps  # the same probes as the backbone benchmark
 
 
-def worker(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
-           threads: int | None, available: int = 4, system_malloc: bool = False,
-           dataset: str = "brats2020") -> dict:
+def build_step(name: str, objective: str, size: int, precision: str, device: str = "cpu",
+               available: int = 4, dataset: str = "brats2020", base_width: int = 8):
+    """A closure running one training step of a freshly built model, and a description of it."""
     import torch
 
     from passion.config import ObjectiveConfig
@@ -30,13 +36,13 @@ def worker(name: str, objective: str, size: int, steps: int, warmup: int, precis
     from passion.method import build_objective
     from passion.models import build_model
 
-    configure(threads, system_malloc)
     torch.manual_seed(0)
+    dev = torch.device(device)
     spec = get_spec(dataset)
     m, dims = spec.num_modalities, spec.spatial_dims
     available = min(available, m)
-    model = build_model(name, num_modalities=m, num_classes=spec.num_classes, base_width=8,
-                        patch_size=(size,) * dims, spatial_dims=dims).train()
+    model = build_model(name, num_modalities=m, num_classes=spec.num_classes, base_width=base_width,
+                        patch_size=(size,) * dims, spatial_dims=dims).to(dev).train()
     obj = build_objective(objective, ObjectiveConfig(name=objective), num_modalities=m,
                           modality_names=list(spec.modalities), availability_counts=[100] * m,
                           iters_per_epoch=219, setting="idt")
@@ -45,38 +51,128 @@ def worker(name: str, objective: str, size: int, steps: int, warmup: int, precis
     c = size // 2
     for cls, half in ((2, 12), (3, 6), (1, 3)):  # nested cubes (squares in 2D) of three classes
         target[(slice(None),) + (slice(c - half, c + half),) * dims] = cls
-    batch = {"image": torch.randn(1, m, *(size,) * dims), "target": target,
-             "mask": torch.tensor([[i < available for i in range(m)]])}
+    batch = {"image": torch.randn(1, m, *(size,) * dims).to(dev), "target": target.to(dev),
+             "mask": torch.tensor([[i < available for i in range(m)]]).to(dev)}
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = obj(model, batch, 0).loss
         loss.backward()
         opt.step()
 
+    info = {"model": name, "objective": objective, "precision": precision, "dataset": dataset, "size": size,
+            "spatial_dims": dims, "batch": 1, "base_width": base_width, "available_modalities": available,
+            "device": device, "params": sum(p.numel() for p in model.parameters())}
+    return step, info
+
+
+def worker(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
+           threads: int | None, available: int = 4, system_malloc: bool = False,
+           dataset: str = "brats2020", base_width: int = 8) -> dict:
+    """One CPU configuration (run in its own process): step times and peak RSS."""
+    import torch
+
+    configure(threads, system_malloc)
+    step, info = build_step(name, objective, size, precision, "cpu", available, dataset, base_width)
     base = _rss_mb()
     times = time_steps(step, warmup, steps)
     return {
-        "model": name, "objective": objective, "precision": precision, "dataset": dataset, "size": size,
-        "spatial_dims": dims, "batch": 1,
-        "available_modalities": available, "system_malloc": system_malloc,
+        **info, "system_malloc": system_malloc,
         "steps": steps, "warmup": warmup, "threads": torch.get_num_threads(),
         "step_s_median": round(times[len(times) // 2], 3), "step_s_min": round(times[0], 3),
         "peak_rss_mb": round(_peak_mb(), 1), "peak_delta_mb": round(_peak_mb() - base, 1),
     }
 
 
+def cuda_run(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
+             available: int = 4, dataset: str = "brats2020", base_width: int = 8) -> dict:
+    """One CUDA configuration in this process: synchronised step times and peak allocated memory."""
+    import torch
+
+    step = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        step, info = build_step(name, objective, size, precision, "cuda", available, dataset, base_width)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        peak = torch.cuda.max_memory_allocated()
+        return {
+            **info, "steps": steps, "warmup": warmup, "gpu": torch.cuda.get_device_name(),
+            "step_s_median": round(times[len(times) // 2], 4), "step_s_min": round(times[0], 4),
+            "peak_cuda_mb": round(peak / 2 ** 20, 1), "peak_cuda_delta_mb": round((peak - base) / 2 ** 20, 1),
+            "peak_cuda_reserved_mb": round(torch.cuda.max_memory_reserved() / 2 ** 20, 1),
+        }
+    except torch.cuda.OutOfMemoryError as exc:
+        return {"device": "cuda", "size": size, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+    except Exception as exc:  # record and go on with the next configuration
+        return {"device": "cuda", "size": size, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+    finally:
+        del step
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def cpu_run(args, name: str, objective: str, size: int, prec: str) -> dict:
+    """One CPU configuration in a fresh subprocess (so that ru_maxrss is its own)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--models", name,
+           "--objectives", objective, "--precisions", prec, "--size", str(size),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--available", str(args.available), "--dataset", args.dataset,
+           "--base-width", str(args.base_width)] + (["--system-malloc"] if args.system_malloc else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        return (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
+                {"size": size, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
+    except subprocess.TimeoutExpired:
+        return {"size": size, "error": f"timed out after {args.timeout} s"}
+
+
+def ratios(results: list[dict]) -> dict:
+    """PASSION's cost relative to the baseline, per model, precision (and size when several)."""
+    sizes = {r.get("size") for r in results}
+    mem_key = "peak_cuda_mb" if any("peak_cuda_mb" in r for r in results) else "peak_rss_mb"
+    out = {}
+    for r in results:
+        if r["objective"] != "passion" or "step_s_median" not in r:
+            continue
+        base = next((b for b in results if b["objective"] == "baseline" and b["model"] == r["model"]
+                     and b["precision"] == r["precision"] and b.get("size") == r.get("size")
+                     and "step_s_median" in b), None)
+        if base:
+            key = f"{r['model']}/{r['precision']}" + (f"/{r['size']}" if len(sizes) > 1 else "")
+            out[key] = {"time_x": round(r["step_s_median"] / base["step_s_median"], 2),
+                        mem_key.replace("_mb", "_x"): round(r[mem_key] / base[mem_key], 2)}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=["rfnet"])
     ap.add_argument("--objectives", nargs="*", default=["baseline", "passion"])
-    ap.add_argument("--size", type=int, default=80)
+    ap.add_argument("--size", type=int, default=80, help="cubic (square in 2D) patch edge")
+    ap.add_argument("--sizes", type=int, nargs="+", help="several patch edges in one invocation (overrides --size)")
+    ap.add_argument("--base-width", type=int, default=8, help="backbone base width (the paper's: 8)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cpu: one subprocess per configuration, peak RSS; cuda: one process, peak allocated")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--timeout", type=float, default=None)
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per CPU configuration")
     ap.add_argument("--available", type=int, default=4, choices=[1, 2, 3, 4],
                     help="modalities available in the sample (PASSION runs one extra fusion per available one)")
     ap.add_argument("--dataset", default="brats2020", choices=["brats2020", "myops2020"],
@@ -85,40 +181,34 @@ def main(argv=None) -> int:
                     help="measure with glibc's default allocator behaviour (train.reuse_freed_memory=false)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    sizes = args.sizes or [args.size]
     if args.worker:
-        print(json.dumps(worker(args.models[0], args.objectives[0], args.size, args.steps, args.warmup,
+        print(json.dumps(worker(args.models[0], args.objectives[0], sizes[0], args.steps, args.warmup,
                                 args.precisions[0], args.threads, args.available, args.system_malloc,
-                                args.dataset)))
+                                args.dataset, args.base_width)))
         return 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("--device cuda: no CUDA device is visible to torch", file=sys.stderr)
+            return 2
+        configure(args.threads, args.system_malloc)
+        torch.backends.cudnn.benchmark = True
     results = []
-    for name in args.models:
-        for prec in args.precisions:
-            for objective in args.objectives:
-                cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--models", name,
-                       "--objectives", objective, "--precisions", prec, "--size", str(args.size),
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                       "--available", str(args.available), "--dataset", args.dataset] + (
-                           ["--system-malloc"] if args.system_malloc else [])
-                try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                    res = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
-                           {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]})
-                except subprocess.TimeoutExpired:
-                    res = {"error": f"timed out after {args.timeout} s"}
-                res.update(model=name, objective=objective, precision=prec)
-                results.append(res)
-                print(json.dumps(res), file=sys.stderr, flush=True)
-    # PASSION's cost relative to the baseline, per model and precision
-    ratios = {}
-    for r in results:
-        if r["objective"] == "passion" and "step_s_median" in r:
-            base = next((b for b in results if b["objective"] == "baseline" and b["model"] == r["model"]
-                         and b["precision"] == r["precision"] and "step_s_median" in b), None)
-            if base:
-                ratios[f"{r['model']}/{r['precision']}"] = {
-                    "time_x": round(r["step_s_median"] / base["step_s_median"], 2),
-                    "peak_rss_x": round(r["peak_rss_mb"] / base["peak_rss_mb"], 2)}
-    print(json.dumps({"results": results, "passion_vs_baseline": ratios}, indent=2))
+    for size in sizes:
+        for name in args.models:
+            for prec in args.precisions:
+                for objective in args.objectives:
+                    if args.device == "cuda":
+                        res = cuda_run(name, objective, size, args.steps, args.warmup, prec, args.available,
+                                       args.dataset, args.base_width)
+                    else:
+                        res = cpu_run(args, name, objective, size, prec)
+                    res.update(model=name, objective=objective, precision=prec)
+                    results.append(res)
+                    print(json.dumps(res), file=sys.stderr, flush=True)
+    print(json.dumps({"results": results, "passion_vs_baseline": ratios(results)}, indent=2))
     return 0
 
 
