@@ -14,9 +14,11 @@ A checkpoint is a plain dict of tensors and JSON-like values, so it loads with
 from __future__ import annotations
 
 import pickle
+import random
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import Config, config_from_dict
@@ -91,3 +93,32 @@ def build_model_for(cfg: Config, spec: DatasetSpec):
         spatial_dims=spec.spatial_dims,
         **cfg.model.options,
     )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """The global Python, NumPy, torch (and CUDA) RNG states, as tensors and ints (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[0],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate((state["python_pos"], tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,8 @@ from ..config import Config, ConfigError, save_config
 from ..data.cache import read_index, read_spec
 from ..data.spec import DatasetSpec
 from ..utils import PassionError, atomic_write_text, progress
-from .checkpoint import build_model_for, load_checkpoint, save_checkpoint
+from .checkpoint import (build_model_for, load_checkpoint, restore_rng_state, rng_state, save_checkpoint,
+                         seed_everything)
 from .validation import is_better, is_validation_epoch
 from .runtime import autocast, configure_host, resolve_device, warn_if_slow_precision
 from .distributed import DistContext, init_distributed, shutdown
@@ -39,34 +39,6 @@ _NOT_AVERAGED = {"type", "epoch", "iteration", "step", "lr", "seconds", "samples
 
 def poly_lr(base_lr: float, epoch: int, epochs: int, power: float) -> float:
     return base_lr * (1.0 - epoch / epochs) ** power
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": list(random.getstate()[1]),
-        "python_pos": random.getstate()[0],
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate((state["python_pos"], tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
@@ -243,7 +215,7 @@ class Trainer:
             "scheduler": {"type": "poly", "epoch": self.state.epoch, "power": self.cfg.train.poly_power},
             "objective": self.objective.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "epoch": self.state.epoch,
             "iteration": self.state.iteration,
             "step": self.state.step,
@@ -273,7 +245,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.objective.load_state_dict(ckpt["objective"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
+        restore_rng_state(ckpt["rng"])
         self.state = TrainState(epoch=ckpt["epoch"], iteration=ckpt["iteration"], step=ckpt["step"])
         self.best = ckpt.get("best")
         if self.dist.is_main:
@@ -344,10 +316,14 @@ class Trainer:
         bs = self.cfg.train.batch_size
         order = self._epoch_order(epoch)[start_iter * bs:]
         self.dataset.set_epoch(epoch)
+        # Starting a loader draws its workers' base seed from `generator`, by default the global
+        # torch RNG; a mid-epoch resume starts one more loader than the uninterrupted run, which
+        # would shift every later dropout mask. A (seed, epoch) generator leaves the global RNG alone.
+        loader_rng = torch.Generator().manual_seed(self.cfg.train.seed * 100_003 + epoch)
         loader = DataLoader(
             Subset(self.dataset, order), batch_size=bs, shuffle=False, drop_last=False,
             num_workers=self.cfg.data.workers, persistent_workers=False,
-            pin_memory=self.device.type == "cuda")
+            pin_memory=self.device.type == "cuda", generator=loader_rng)
         yield from loader
 
     def _to_device(self, batch: dict) -> dict:
