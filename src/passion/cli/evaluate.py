@@ -67,6 +67,9 @@ def predict(
     t2: Optional[Path] = typer.Option(None, "--t2", help="T2 file of a single case."),
     modality: list[str] = typer.Option([], "--modality", help="NAME=PATH for other datasets (repeatable)."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write <case>_probs.nii.gz."),
+    overlay: bool = typer.Option(False, "--overlay",
+                                 help="Also write <case>.png: three orthogonal slices through the predicted "
+                                      "tumour over each available modality."),
     postprocess: bool = typer.Option(False, "--postprocess",
                                      help="Apply the evaluation's post-processing (BraTS: drop a predicted ET "
                                           "under 500 mm^3)."),
@@ -81,4 +84,4 @@ def predict(
     files = _parse_modality_files(flair, t1ce, t1, t2, modality)
     run_prediction(checkpoint, list(inputs or []), output, files=files or None, save_probabilities=probabilities,
                    device=device, precision=precision, overwrite=overwrite, postprocess=postprocess,
-                   progress=show_progress, log=typer.echo)
+                   progress=show_progress, log=typer.echo, overlay=overlay)

@@ -115,6 +115,11 @@ class DatasetSpec:
             raise ValueError(f"empty modality subset {text!r}")
         return tuple(i in idx for i in range(self.num_modalities))
 
+    def class_color(self, index: int) -> str:
+        """Display colour of a training class (figures): by class name, else a tab10 colour."""
+        name = self.class_names[index] if index < len(self.class_names) else ""
+        return CLASS_COLORS.get(name, _FALLBACK_COLORS[index % len(_FALLBACK_COLORS)])
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
@@ -149,6 +154,13 @@ class DatasetSpec:
 
 
 _BRATS_CLASSES = ("background", "necrotic_core", "edema", "enhancing")
+# figure colours by class name (names travel with every saved spec, so old checkpoints get them too)
+CLASS_COLORS = {
+    "necrotic_core": "#e41a1c", "edema": "#4daf4a", "enhancing": "#ffd92f",
+    "lv_blood_pool": "#e41a1c", "rv_blood_pool": "#377eb8", "normal_myocardium": "#984ea3",
+    "scar": "#ff7f00",
+}
+_FALLBACK_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 _BRATS_REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 
 PRESETS: dict[str, DatasetSpec] = {

@@ -5,6 +5,8 @@ Writes under RUN_DIR/eval/<split>/ (atomically, nothing half-written):
     results.json   per-subset means, the mean over subsets, checkpoint, config hash, conventions
     results.md     the paper-style table (present modalities ● / absent ○)
     heatmap.png    subsets x regions Dice
+    overlay_cases.npz  slices of the worst/median/best case for the report's overlay figure
+                   (engine/overlay_cases.py; only those cases and the figure's subsets)
 Metrics are computed on the cropped volumes of the cache: the crop only removes voxels that are
 background in every modality (and in the reference), and predictions outside the crop are
 background, so every region metric equals the metric in the original geometry.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -200,6 +203,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     from ..utils import progress as progress_bar
     from .inference import (DEFAULT_FUSE_BATCH, configure_host, inference_precision, predict_classes,
                             resolve_device, warn_if_slow_precision)
+    from .overlay_cases import OverlayCollector, overlay_path, rarest_pair
 
     start = time.time()
     run_path = _run_dir_of(Path(run_dir))
@@ -235,6 +239,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     roi = list(cfg.model.patch_size)
     sw = int(sw_batch_size or cfg.eval.sw_batch_size or 1)
     rows: list[dict] = []
+    overlay = OverlayCollector(spec, masks, rarest_pair(spec, training_missing_rates(cfg, run_path, spec)))
     with progress_bar(total=len(names) * len(masks), desc=f"evaluate {split_label}", disable=not progress) as bar:
         for name in names:
             case = read_case(cache_dir, name)
@@ -250,8 +255,10 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
             classes = predict_classes(model, case.image, masks, roi_size=roi, available=avail, overlap=overlap,
                                       sw_batch_size=sw, device=dev, precision=precision, subset_chunk=subset_chunk,
                                       fuse_batch=fuse_batch or DEFAULT_FUSE_BATCH)
-            rows += score_case(name, classes, np.asarray(case.label), spec, masks, case.meta.get("spacing"),
-                               after_subset=lambda mask: bar.update(1, status=f"{name}: {spec.subset_name(mask)}"))
+            case_rows = score_case(name, classes, np.asarray(case.label), spec, masks, case.meta.get("spacing"),
+                                   after_subset=lambda mask: bar.update(1, status=f"{name}: {spec.subset_name(mask)}"))
+            overlay.add(name, case.image, np.asarray(case.label), classes, case_rows, avail, case.meta.get("spacing"))
+            rows += case_rows
 
     subset_entries, mean = summarise(rows, spec, masks, regions)
     conventions = M.conventions(spec)
@@ -279,12 +286,62 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     from ..report.figures import subset_heatmap
 
     atomic_write_text(out / "per_case.csv", _csv_text(rows))
+    overlay.save(overlay_path(out))
     atomic_write_text(out / "results.md", _markdown(results))
     subset_heatmap(results, out / "heatmap.png",
                    title=f"Dice per modality subset: {cfg.model.name} + {cfg.objective.name}, "
                          f"{split_label} ({len(names)} cases)")
     atomic_write_json(out / "results.json", results)  # last: marks the evaluation complete
     return results
+
+
+def training_missing_rates(cfg, run_dir: Path, spec) -> dict | None:
+    """{modality: realised missing rate} of the run's training split, None when it cannot be read."""
+    from ..data.splits import training_description
+
+    try:
+        desc = training_description(_resolve_path(cfg.data.split, run_dir, "data.split"), spec)
+    except (PassionError, OSError, ValueError, KeyError):
+        return None
+    return (desc or {}).get("missing_rate")
+
+
+def keep_overlay_cases(run_dir: str | Path, split: str = "test", device: str | None = None) -> Path:
+    """Write EVAL_DIR/overlay_cases.npz for an evaluation made without it (older runs).
+
+    Ranks the cases by per_case.csv and predicts only the three chosen cases on the figure's subsets."""
+    from ..data.cache import read_case
+    from .inference import configure_host, inference_precision, predict_classes, resolve_device
+    from .overlay_cases import OverlayCollector, figure_subsets, overlay_path, pick_cases, rarest_pair
+
+    run_path = _run_dir_of(Path(run_dir))
+    out = run_path / "eval" / split
+    table = out / "per_case.csv"
+    if not table.is_file():
+        raise PassionError(f"{table} does not exist; evaluate the run first")
+    with open(table, newline="") as f:
+        rows = [{**r, "dice": float(r["dice"])} for r in csv.DictReader(f)]
+    results = json.loads((out / "results.json").read_text())
+    model, cfg, spec, _, _ = load_model(run_path, results.get("checkpoint_name") or "last", device="cpu")
+    dev = resolve_device(device or cfg.train.device)
+    configure_host(cfg.train.threads, cfg.train.reuse_freed_memory)
+    evaluated = [tuple(s["mask"]) for s in results["subsets"]]
+    rarest = rarest_pair(spec, training_missing_rates(cfg, run_path, spec))
+    masks = [evaluated[k] for k in figure_subsets(spec, evaluated, rarest)]  # predict only these
+    overlay = OverlayCollector(spec, masks, rarest)
+    rank = next(iter(spec.regions))
+    scores = {n: _nanmean([r["dice"] for r in rows if r["case"] == n and r["region"] == rank])
+              for n in dict.fromkeys(r["case"] for r in rows)}
+    cache_dir = _resolve_path(cfg.data.cache, run_path, "data.cache")
+    for _, name in pick_cases(scores):
+        case = read_case(cache_dir, name)
+        classes = predict_classes(model.to(dev), case.image, masks, roi_size=list(cfg.model.patch_size),
+                                  available=case.available, overlap=results["conventions"].get("overlap", 0.5),
+                                  sw_batch_size=int(cfg.eval.sw_batch_size or 1), device=dev,
+                                  precision=inference_precision(None, cfg.train.precision, dev))
+        overlay.add(name, case.image, np.asarray(case.label), classes, [r for r in rows if r["case"] == name],
+                    case.available, case.meta.get("spacing"), score=scores[name])
+    return overlay.save(overlay_path(out))
 
 
 def _json_safe(obj):

@@ -5,7 +5,9 @@ or explicit per-modality files. The modalities with a file are the available one
 subset). Preprocessing is the training one (crop to the non-zero box, z-score); the prediction is
 put back into the ORIGINAL geometry (same shape, affine and header as the inputs) with raw label
 values (BraTS: enhancing = 4) and written as OUT/<case>.nii.gz (uint8), optionally with the
-softmax probabilities as OUT/<case>_probs.nii.gz (float32, classes on the last axis).
+softmax probabilities as OUT/<case>_probs.nii.gz (float32, classes on the last axis), and with
+overlay=True a quick-look figure OUT/<case>.png (three orthogonal slices through the predicted
+tumour's centre over each available modality, report/overlay.py).
 
 All outputs are written into a temporary folder inside OUT and moved into place only when every
 case has succeeded, so a bad input never leaves partial results behind.
@@ -175,8 +177,9 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
             files: Mapping[str, str | Path] | None = None, save_probabilities: bool = False,
             device: str | None = None, precision: str | None = None, *, overlap: float | None = None,
             overwrite: bool = False, postprocess: bool = False, progress: bool = True,
-            log: Callable[[str], None] | None = print) -> list[Path]:
-    """Segment every input case; returns the written paths (labels, then probability maps if asked).
+            log: Callable[[str], None] | None = print, overlay: bool = False) -> list[Path]:
+    """Segment every input case; returns the written paths (labels, then probability maps, then overlay
+    figures, as asked).
 
     checkpoint: a checkpoint file or a run dir (its last checkpoint). files: {modality: path}
     for one case given as separate files. postprocess: apply the evaluation's small-ET removal.
@@ -211,8 +214,9 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
         raise PassionError(f"{out}: exists and is not a directory")
     targets = {c.name: out / f"{c.name}.nii.gz" for c in cases}
     prob_targets = {c.name: out / f"{c.name}_probs.nii.gz" for c in cases} if save_probabilities else {}
+    png_targets = {c.name: out / f"{c.name}.png" for c in cases} if overlay else {}
     if not overwrite:
-        existing = [str(p) for p in [*targets.values(), *prob_targets.values()] if p.exists()]
+        existing = [str(p) for p in [*targets.values(), *prob_targets.values(), *png_targets.values()] if p.exists()]
         if existing:
             raise PassionError(f"{existing[0]} already exists; pass --overwrite to replace it")
 
@@ -253,6 +257,13 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
                     write_nifti(dest_p, np.ascontiguousarray(np.moveaxis(p, 0, -1)), loaded.affine, loaded.header,
                                 dtype=np.float32)
                     written.append((dest_p, prob_targets[case.name]))
+                if overlay:
+                    from ..report.overlay import draw_orthogonal
+
+                    dest_png = tmp / png_targets[case.name].name
+                    draw_orthogonal(loaded.images, loaded.available, full, spec, dest_png, loaded.spacing,
+                                    title=f"{case.name}: prediction from {', '.join(used)}")
+                    written.append((dest_png, png_targets[case.name]))
                 bar.update(1)
         for src, dst in written:
             os.replace(src, dst)
@@ -262,8 +273,10 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
             out.rmdir()
         raise
     shutil.rmtree(tmp, ignore_errors=True)
-    labels_out = [dst for _, dst in written if not dst.name.endswith("_probs.nii.gz")]
-    probs_out = [dst for _, dst in written if dst.name.endswith("_probs.nii.gz")]
+    probs_out = [dst for _, dst in written if dst in prob_targets.values()]
+    pngs_out = [dst for _, dst in written if dst in png_targets.values()]
+    labels_out = [dst for _, dst in written if dst in targets.values()]
     say(f"wrote {len(labels_out)} label map(s) to {out}" + (f" and {len(probs_out)} probability map(s)"
-                                                             if probs_out else ""))
-    return labels_out + probs_out
+                                                             if probs_out else "")
+        + (f" and {len(pngs_out)} overlay figure(s)" if pngs_out else ""))
+    return labels_out + probs_out + pngs_out

@@ -322,11 +322,32 @@ def write_comparison_report(run_dirs: list[str | Path], out_dir: str | Path, spl
     if _preference_curves(runs, out / "preference.png"):
         parts += ["## PASSION: task-wise weights and relative preference per modality\n",
                   "![beta and relative preference](preference.png)\n"]
+    parts += _overlay_section(runs, out, split)
     parts += ["## Training split: realised missing rates\n", _split_section(runs), "",
               "## Configuration differences\n", _config_diff(runs), ""]
     report = out / "report.md"
     atomic_write_text(report, "\n".join(parts))
     return report
+
+
+def _overlay_section(runs: list[RunRecord], out: Path, split: str) -> list[str]:
+    """Every run's overlay figure, side by side (one column per run)."""
+    from urllib.parse import quote
+
+    from .overlay import overlay_file_name, write_run_overlay
+
+    cells, notes = [], []
+    for r in runs:
+        name = overlay_file_name(r.label)
+        note = write_run_overlay(r.dir, r.label, split, out / name)
+        cells.append(f"![overlay {r.label}]({quote(name, safe='+')})")
+        if note:
+            notes.append(f"_{note}_")
+    return ["## Overlays: worst, median and best test case\n",
+            "Rows: the full subset, each single modality and the two rarest training modalities; reference "
+            "as contours, prediction as a translucent fill, per-panel Dice of that case.\n",
+            "| " + " | ".join(r.label for r in runs) + " |", "|" + "---|" * len(runs),
+            "| " + " | ".join(cells) + " |", "", *notes, ""]
 
 
 def _paired_section(runs: list[RunRecord]) -> list[str]:

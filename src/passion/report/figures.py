@@ -13,12 +13,12 @@ import numpy as np  # noqa: E402
 from ..utils import atomic_path  # noqa: E402
 
 
-def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
-    """Atomically save a figure as PNG and close it."""
+def save_figure(fig, path: str | Path, dpi: int = 130, tight: bool = True) -> Path:
+    """Atomically save a figure as PNG and close it; tight=False keeps the figure's size (comparable pixels)."""
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     finally:
         plt.close(fig)
     return path
