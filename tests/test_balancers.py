@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -106,20 +107,62 @@ def test_state_round_trip_is_weights_only_safe(name):
             assert a.stats[key] == pytest.approx(b.stats[key]), key
 
 
+class TwoRanks:
+    """all_reduce for two objectives run in two threads: a real sum across the pair, as gloo would."""
+
+    def __init__(self):
+        self.barrier, self.box = threading.Barrier(2, timeout=60), [None, None]
+
+    def reduce_for(self, rank: int):
+        def reduce(t):
+            self.box[rank] = t.detach().clone()
+            self.barrier.wait()
+            out = self.box[0] + self.box[1]
+            self.barrier.wait()  # both have read before the next call overwrites the box
+            return out
+        return reduce
+
+
+def _decisions(obj, model, batches: list[dict]) -> list[dict]:
+    """Per epoch (one batch each): the modulation a balancer decides (its per-modality stats)."""
+    keys = ("loss_weight", "ogm_coeff", "pmr_weight", "confidence", "ratio", "epoch_sep")
+    out = []
+    for epoch, batch in enumerate(batches):
+        res, _ = _step(obj, copy.deepcopy(model), batch, epoch=epoch)
+        stats = {**res.stats, **(obj.end_epoch(epoch) or {})}
+        out.append({k: v for k, v in stats.items() if k in keys})
+    return out
+
+
 @pytest.mark.parametrize("name", BALANCERS)
-def test_modulation_statistics_go_through_all_reduce(name):
-    calls = []
-
-    def spy(t):
-        calls.append(t.shape)
-        return t
-
+def test_two_ranks_decide_the_modulation_of_their_joint_batch(name):
+    """Statistics that steer the modulation are sums and counts over the global batch: two ranks
+    holding two halves decide exactly what one process decides on the whole batch."""
     model = Fake(width=4)
-    obj = make(name, all_reduce=spy)
-    for epoch in range(2):
-        _step(obj, model, random_batch(batch=2, size=8), epoch=epoch)
-        obj.end_epoch(epoch)
-    assert calls, f"{name} decided its modulation without all_reduce"
+    mask = [[True, True, False], [True, False, True], [False, True, True], [True, True, True]]
+    wholes = [random_batch(batch=4, size=8, mask=mask, seed=3 + epoch) for epoch in range(3)]
+    halves = [[{k: v[r * 2:(r + 1) * 2] for k, v in w.items()} for w in wholes] for r in range(2)]
+    expected = _decisions(make(name), model, wholes)
+
+    pair, results = TwoRanks(), [None, None]
+
+    def rank(r):
+        results[r] = _decisions(make(name, all_reduce=pair.reduce_for(r)), model, halves[r])
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    weights = [v for e in expected for k, w in e.items() if k in ("loss_weight", "ogm_coeff", "pmr_weight")
+               for v in w.values()]
+    assert weights and any(abs(v - weights[0]) > 1e-3 for v in weights), f"{name} never modulated: {expected}"
+    for got in results:
+        assert got is not None
+        for e, g in zip(expected, got):
+            assert set(e) == set(g)
+            for key in e:
+                assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-6), (name, key)
 
 
 def test_bad_options_fail_with_one_line():
@@ -331,8 +374,33 @@ def test_compare_cli_trains_evaluates_and_reports_every_objective(toy_data):
     assert (out / "pmr_s1037" / "checkpoints" / "last.pt").stat().st_mtime_ns == before
     summary = json.loads((out / "summary.json").read_text())
     wt = summary["objectives"]["pmr"]["dice"]["WT"]
-    assert len(wt["values"]) == 2 and wt["min"] <= wt["mean"] <= wt["max"] and wt["std"] >= 0
+    per_seed = [json.loads((out / f"pmr_s{s}" / "eval" / "test" / "results.json").read_text())["mean"]["dice"]["WT"]
+                for s in (1037, 1038)]
+    assert wt["values"] == pytest.approx(per_seed)
+    assert wt["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert wt["std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
     assert "pmr_s1038" in (out / "report" / "report.md").read_text()
+
+
+def test_seed_summary_is_mean_sample_std_min_max_of_each_runs_mean_dice(tmp_path):
+    from passion.engine.compare import run_name, summarise_seeds
+
+    dice = {1: 0.5, 2: 0.9, 3: 0.7}
+    runs = []
+    for seed, value in dice.items():
+        run = tmp_path / run_name("pmr", seed)
+        (run / "eval" / "test").mkdir(parents=True)
+        hd95 = None if seed == 2 else 4.0 * seed  # a run with no HD95 (empty prediction) is left out
+        mean = {"dice": {"WT": value}, "hd95": {"WT": hd95}}
+        (run / "eval" / "test" / "results.json").write_text(json.dumps({"mean": mean}))
+        runs.append(run)
+    summary = summarise_seeds(runs, ["pmr"], [1, 2, 3])["objectives"]["pmr"]
+    wt = summary["dice"]["WT"]
+    assert wt["values"] == [0.5, 0.9, 0.7]
+    assert wt["mean"] == pytest.approx(0.7) and wt["std"] == pytest.approx(0.2)
+    assert (wt["min"], wt["max"]) == (0.5, 0.9)
+    hd = summary["hd95"]["WT"]
+    assert hd["mean"] == pytest.approx(8.0) and hd["std"] == pytest.approx(8.0 / 2 ** 0.5)
 
 
 def test_compare_rejects_unknown_objectives(tmp_path):
