@@ -28,9 +28,32 @@ def test_fast_conv3d_equals_conv3d(kernel, stride, padding, mode, depth):
     torch.testing.assert_close(gw_fast, gw_ref, atol=1e-4, rtol=1e-5)
 
 
-def test_batches_and_autocast_take_the_plain_path():
+@pytest.fixture
+def conv3d_inputs(monkeypatch):
+    """Shapes of the inputs every F.conv3d call receives (the fast path runs a depth-split batch of two)."""
+    seen, real = [], torch.nn.functional.conv3d
+
+    def spy(x, *args, **kwargs):
+        seen.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv3d", spy)
+    return seen
+
+
+def test_a_single_fp32_volume_takes_the_fast_path(conv3d_inputs):
+    fast = Conv3d(2, 2, 3, padding=1)
+    x = torch.randn(1, 2, 8, 8, 8)
+    torch.testing.assert_close(fast(x), nn.functional.conv3d(x, fast.weight, fast.bias, padding=1))
+    assert conv3d_inputs[0] == (2, 2, 6, 10, 10)  # two overlapping halves of the padded volume
+
+
+def test_batches_and_autocast_take_the_plain_path(conv3d_inputs):
     fast = Conv3d(2, 2, 3, padding=1)
     x = torch.randn(2, 2, 8, 8, 8)
     torch.testing.assert_close(fast(x), nn.functional.conv3d(x, fast.weight, fast.bias, padding=1))
+    assert conv3d_inputs[0] == (2, 2, 8, 8, 8)  # the unsplit, unpadded batch
+    conv3d_inputs.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast(x[:1]).dtype == torch.bfloat16
+    assert conv3d_inputs == [(1, 2, 8, 8, 8)]
