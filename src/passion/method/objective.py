@@ -221,12 +221,12 @@ class PassionObjective(_SegObjective):
         if self.in_warmup(epoch):
             return self._warmup_step(model, features, target, a, b_idx, m_idx, beta, w)
 
-        fused = model.fuse(features, mask)  # teacher: the actual mask
+        # teacher (the actual mask) and students (one-hot masks), one batched pass where the backbone can
+        fused, single = model.fuse_teacher_and_singles(features, mask, b_idx, m_idx)
         y = L.one_hot(target, fused.logits.shape[1])
         l_fuse, l_aux = self._fused(fused, y)
         sep_m = self._sep(model, features, a, y, b_idx, m_idx).sum(dim=0) / shape[0]
 
-        single = model.fuse_single(features, b_idx, m_idx)  # ONE batched pass, one-hot masks
         kl_bm = scatter_pairs(self._kl_pairs(fused, single, b_idx), b_idx, m_idx, shape)
         proto_vals, dist_vals = self._proto_pairs(fused, single, target, b_idx)
         proto_bm = scatter_pairs(proto_vals, b_idx, m_idx, shape)

@@ -16,6 +16,8 @@ every backbone without adapters:
   modality present, for P (sample, modality) pairs at once; row p is sample b_idx[p] under the
   one-hot mask of m_idx[p]. One batched pass, equal to ``fuse`` with one-hot masks (the default
   does exactly that); backbones override it where a one-hot mask allows a cheaper exact path.
+- ``fuse_teacher_and_singles(features, mask, b_idx, m_idx)``: ``fuse`` and ``fuse_single``
+  together, one batched decoder pass where the backbone allows it.
 - ``decode_single(features, mask=None) -> logits [B, M, C, *spatial]``: the shared
   single-modality decoder applied to each modality's features. Entries whose mask is False
   may be skipped (returned as zeros).
@@ -65,6 +67,13 @@ class FusedOutput:
     aux_logits: list[Tensor] = field(default_factory=list)
     decoder_features: list[Tensor] = field(default_factory=list)
 
+    def split(self, n: int) -> tuple["FusedOutput", "FusedOutput"]:
+        """(rows [:n], rows [n:]) of every tensor: a batched call back into its two groups."""
+        parts = [(t[:n], t[n:]) for t in [self.logits, *self.aux_logits, *self.decoder_features]]
+        a = len(self.aux_logits)
+        first, second = ([p[i] for p in parts] for i in (0, 1))
+        return tuple(FusedOutput(g[0], g[1:1 + a], g[1 + a:]) for g in (first, second))
+
 
 class Backbone(nn.Module, abc.ABC):
     """Base class for all segmentation backbones; subclasses implement the three stages."""
@@ -87,6 +96,13 @@ class Backbone(nn.Module, abc.ABC):
         feats = features.map(lambda t: t.index_select(0, b_idx))
         masks = nn.functional.one_hot(m_idx, self.num_modalities).bool()
         return self.fuse(feats, masks)
+
+    def fuse_teacher_and_singles(self, features: Features, mask: Tensor, b_idx: Tensor,
+                                 m_idx: Tensor) -> tuple[FusedOutput, FusedOutput]:
+        """(``fuse(features, mask)``, ``fuse_single(features, b_idx, m_idx)``): PASSION's teacher
+        and students. Backbones whose decoder takes both row groups override this with ONE batched
+        pass over B + P rows (same weights, same values); the default makes the two calls."""
+        return self.fuse(features, mask), self.fuse_single(features, b_idx, m_idx)
 
     @abc.abstractmethod
     def decode_single(self, features: Features, mask: Tensor | None = None) -> Tensor: ...

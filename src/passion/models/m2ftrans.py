@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from . import register_model
 from .blocks import conv_cls, kaiming_init, pointwise_conv_one_modality, upsample_to
 from .interface import Backbone, Features, FusedOutput
+from .rows import Rows
 from .mmformer import (NUM_SCALES, ModalityEncoder, SeparateDecoder, check_config, check_input,
                        decode_available, postnorm_block, run_per_modality)
 from .transformer import PositionEmbedding, Transformer, tokens_to_grid
@@ -201,12 +202,11 @@ class M2FTransFusionDecoder(nn.Module):
         self.aux_heads = nn.ModuleList(AuxHead(w, num_classes, dims) for w in widths)
         self.seg = conv_cls(dims)(width, num_classes, 1)
 
-    def forward(self, feats: Sequence[Tensor], fusion: Tensor, mask: Tensor,
-                present: Tensor | None = None) -> FusedOutput:
+    def forward(self, feats: Sequence[Tensor | Rows], fusion: Tensor, mask: Tensor) -> FusedOutput:
         """feats: weighted modality features [B, M, C_l, ...] of the 5 levels; fusion [B, 16C, *grid].
 
-        With ``present`` [B] (one modality per row, ``mask`` its one-hot), the conv-fused levels
-        0..2 may instead hold that modality's features alone, [B, C_l, ...].
+        The conv-fused levels 0..2 may be Rows: stacked rows, then rows holding one modality's
+        features alone (``mask`` of those rows is its one-hot); all rows are in that order.
         """
         aux = [None] * NUM_SCALES
         dec = [None] * NUM_SCALES  # dec[l]: decoder feature at level l, as the reference returns it
@@ -220,13 +220,15 @@ class M2FTransFusionDecoder(nn.Module):
             aux[level] = self.aux_heads[level](x)
             if level == 3:
                 fused = self.cross[0](feats[3], x, mask)
-            elif present is not None and feats[level].dim() == dims + 2:
-                fused = self.conv_fusion[level].one_modality(feats[level], present, mask.shape[1])
             else:
-                fused = self.conv_fusion[level](Backbone.zero_unavailable(feats[level], mask).flatten(1, 2))
+                rows, block = Rows.of(feats[level]), self.conv_fusion[level]
+                n = rows.num_full
+                fused = rows.apply(
+                    lambda full: block(Backbone.zero_unavailable(full, mask[:n]).flatten(1, 2)),
+                    lambda one, present: block.one_modality(one, present, mask.shape[1]))
             x = self.outs[level](self.merge[level](torch.cat((fused, x), dim=1)))
             if level > 0:
-                x = self.up_convs[level - 1](upsample_to(x, feats[level - 1].shape[-dims:]))
+                x = self.up_convs[level - 1](upsample_to(x, Rows.of(feats[level - 1]).spatial))
         dec[0] = x
         return FusedOutput(logits=self.seg(x), aux_logits=aux, decoder_features=dec)
 
@@ -301,17 +303,37 @@ class M2FTrans(Backbone):
         conv-fused levels 0..2 carry only the present modality's features (the absent ones are
         zero there and only reach the first 1^3 conv). The transformer and the cross-token levels
         3..4 see all modalities, as in ``fuse``."""
+        return self._fuse_rows(features, None, b_idx, m_idx)
+
+    def fuse_teacher_and_singles(self, features: Features, mask: Tensor, b_idx: Tensor,
+                                 m_idx: Tensor) -> tuple[FusedOutput, FusedOutput]:
+        """``fuse`` and ``fuse_single`` as ONE transformer and decoder pass over B + P rows."""
+        return self._fuse_rows(features, mask, b_idx, m_idx).split(features.batch_size)
+
+    def _fuse_rows(self, features: Features, mask: Tensor | None, b_idx: Tensor, m_idx: Tensor) -> FusedOutput:
+        """Rows of ``fuse`` under `mask` (none if None), then rows of ``fuse_single``'s pairs."""
         device = features.scales[0].device
         b_idx, m_idx = b_idx.to(device), m_idx.to(device)
-        mask = nn.functional.one_hot(m_idx, self.num_modalities).bool()
-        bottom = self.zero_unavailable(features.scales[-1].index_select(0, b_idx), mask)
-        level3 = self.zero_unavailable(features.scales[3].index_select(0, b_idx), mask)
-        mod_out, fusion, weights = self._fusion_transformer(bottom, mask, [t.shape[3:] for t in features.scales])
-        rows = torch.arange(m_idx.numel(), device=device)
-        weighted = [features.scales[level][b_idx, m_idx] * weights[level][rows, m_idx].to(features.scales[level].dtype)
-                    for level in range(3)]
+        onehot = nn.functional.one_hot(m_idx, self.num_modalities).bool()
+        scales = [s.index_select(0, b_idx) for s in features.scales[3:]]
+        masks = onehot
+        if mask is not None:
+            mask = mask.to(dtype=torch.bool, device=device)
+            full = [self.zero_unavailable(s, mask) for s in features.scales]
+            masks = torch.cat((mask, onehot))
+            scales = [torch.cat((f, s)) for f, s in zip(full[3:], scales)]
+        level3, bottom = (self.zero_unavailable(s, masks) for s in scales)
+        mod_out, fusion, weights = self._fusion_transformer(bottom, masks, [t.shape[3:] for t in features.scales])
+        n = 0 if mask is None else mask.shape[0]
+        rows = torch.arange(n, n + m_idx.numel(), device=device)
+        weighted = []
+        for level in range(3):
+            feat = features.scales[level]
+            one = feat[b_idx, m_idx] * weights[level][rows, m_idx].to(feat.dtype)
+            stacked = None if mask is None else full[level] * weights[level][:n].to(feat.dtype)
+            weighted.append(Rows(stacked, one, m_idx))
         weighted += [level3 * weights[3].to(level3.dtype), mod_out * weights[4].to(mod_out.dtype)]
-        return self.decoder_fuse(weighted, fusion, mask, present=m_idx)
+        return self.decoder_fuse(weighted, fusion, masks)
 
     def _fusion_transformer(self, bottom: Tensor, mask: Tensor,
                             sizes: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor, list[Tensor]]:

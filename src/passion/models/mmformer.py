@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from . import register_model
 from .blocks import ConvNormAct, conv_cls, kaiming_init, norm_cls, pointwise_conv_one_modality, upsample_to
 from .interface import Backbone, Features, FusedOutput
+from .rows import Rows
 from .transformer import PositionEmbedding, Transformer, grid_to_tokens, token_grid, tokens_to_grid
 
 NUM_SCALES = 5
@@ -228,18 +229,17 @@ class MMFormerFusionDecoder(nn.Module):
         self.aux_heads = nn.ModuleList(conv(w, num_classes, 1) for w in widths[1:])
         self.seg = conv(width, num_classes, 1)
 
-    def forward(self, skips: Sequence[Tensor], bottleneck: Tensor, present: Tensor | None = None) -> FusedOutput:
-        """skips: stacked modality features [B, M*C_l, ...] of levels 0..3, or with ``present``
-        [P] the features [P, C_l, ...] of the one modality present in each row; bottleneck
-        [B, M*16C, *grid]."""
+    def forward(self, skips: Sequence[Tensor | Rows], bottleneck: Tensor) -> FusedOutput:
+        """skips: masked modality features [B, M, C_l, ...] of levels 0..3, or Rows (stacked rows,
+        then one-modality rows); bottleneck [rows, M*16C, *grid] in the same row order."""
         feats = [None] * NUM_SCALES
         feats[-1] = self.fusion[-1](bottleneck)
         for level in reversed(range(NUM_SCALES - 1)):
-            up = self.up_convs[level](upsample_to(feats[level + 1], skips[level]))
-            if present is None:
-                fused = self.fusion[level](skips[level])
-            else:
-                fused = self.fusion[level].one_modality(skips[level], present, self.num_modalities)
+            skip = Rows.of(skips[level])
+            up = self.up_convs[level](upsample_to(feats[level + 1], skip.spatial))
+            block = self.fusion[level]
+            fused = skip.apply(lambda full: block(full.flatten(1, 2)),
+                               lambda one, present: block.one_modality(one, present, self.num_modalities))
             merged = torch.cat((fused, up), dim=1)
             feats[level] = self.outs[level](self.merge[level](merged))
         aux = [head(f) for head, f in zip(self.aux_heads, feats[1:])]
@@ -324,7 +324,7 @@ class MMFormer(Backbone):
         exactly (default, for faithful reproduction); "spatial" stacks the M tokens of each location.
         """
         mask = mask.to(dtype=torch.bool, device=features.scales[0].device)
-        skips = [self.zero_unavailable(s, mask).flatten(1, 2) for s in features.scales[:NUM_SCALES - 1]]
+        skips = [self.zero_unavailable(s, mask) for s in features.scales[:NUM_SCALES - 1]]
         intra = self.zero_unavailable(features.extra["intra"], mask)  # [B, M, E, *grid]
         return self.decoder_fuse(skips, self._inter_modal(intra))
 
@@ -335,10 +335,25 @@ class MMFormer(Backbone):
         all M*N tokens (absent ones zero), exactly as in ``fuse``."""
         device = features.scales[0].device
         b_idx, m_idx = b_idx.to(device), m_idx.to(device)
-        skips = [s[b_idx, m_idx] for s in features.scales[:NUM_SCALES - 1]]  # [P, C_l, ...]
+        skips = [Rows(single=s[b_idx, m_idx], present=m_idx) for s in features.scales[:NUM_SCALES - 1]]
+        return self.decoder_fuse(skips, self._inter_modal(self._one_hot_intra(features, b_idx, m_idx)))
+
+    def fuse_teacher_and_singles(self, features: Features, mask: Tensor, b_idx: Tensor,
+                                 m_idx: Tensor) -> tuple[FusedOutput, FusedOutput]:
+        """``fuse`` and ``fuse_single`` as ONE transformer and decoder pass over B + P rows."""
+        device = features.scales[0].device
+        mask = mask.to(dtype=torch.bool, device=device)
+        b_idx, m_idx = b_idx.to(device), m_idx.to(device)
+        skips = [Rows(self.zero_unavailable(s, mask), s[b_idx, m_idx], m_idx)
+                 for s in features.scales[:NUM_SCALES - 1]]
+        intra = torch.cat((self.zero_unavailable(features.extra["intra"], mask),
+                           self._one_hot_intra(features, b_idx, m_idx)))
+        return self.decoder_fuse(skips, self._inter_modal(intra)).split(features.batch_size)
+
+    def _one_hot_intra(self, features: Features, b_idx: Tensor, m_idx: Tensor) -> Tensor:
+        """Intra-modal tokens of sample b_idx[p] with only modality m_idx[p] kept: [P, M, E, *grid]."""
         onehot = nn.functional.one_hot(m_idx, self.num_modalities).bool()
-        intra = self.zero_unavailable(features.extra["intra"].index_select(0, b_idx), onehot)
-        return self.decoder_fuse(skips, self._inter_modal(intra), present=m_idx)
+        return self.zero_unavailable(features.extra["intra"].index_select(0, b_idx), onehot)
 
     def _inter_modal(self, intra: Tensor) -> Tensor:
         """Masked intra-modal tokens [B, M, E, *grid] -> inter-modal bottleneck [B, M*16C, *grid]."""

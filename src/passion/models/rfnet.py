@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from . import register_model
 from .blocks import ConvNormAct, conv_cls, kaiming_init, pointwise_conv_one_modality, upsample_to
 from .interface import Backbone, Features, FusedOutput
+from .rows import Rows
 
 NUM_SCALES = 4
 
@@ -110,7 +111,8 @@ class _UpBlock(nn.Module):
         self.merge = _cna(2 * out_ch, out_ch, dims=dims)      # reference d{l}_c2
         self.out = _cna(out_ch, out_ch, kernel=1, dims=dims)  # reference d{l}_out
 
-    def up(self, x: Tensor, like: Tensor) -> Tensor:
+    def up(self, x: Tensor, like) -> Tensor:
+        """like: a tensor or a spatial size."""
         return self.up_conv(upsample_to(x, like))
 
     def combine(self, first: Tensor, second: Tensor) -> Tensor:
@@ -154,13 +156,12 @@ class RegionPriorGenerator(nn.Module):
             _cna(channels * (1 if last_stage else 2), hidden, kernel=1, dims=dims),
             conv_cls(dims)(hidden, num_classes, 1))
 
-    def forward(self, modal: Tensor, decoder_feat: Tensor | None, present: Tensor | None = None) -> Tensor:
-        """modal: [B, M, C, *S] masked features, or [P, C, *S] with only modality present[p]."""
-        if present is None:
-            emb = self.embed(modal.flatten(1, 2))
-        else:
-            first = _pointwise_one_modality(self.embed[0], modal, present, self.num_modalities)
-            emb = self.embed[1:](first)
+    def forward(self, modal: Tensor | Rows, decoder_feat: Tensor | None) -> Tensor:
+        """modal: masked features [B, M, C, *S], or Rows that may also hold one-modality rows."""
+        first = Rows.of(modal).apply(
+            lambda full: self.embed[0](full.flatten(1, 2)),
+            lambda one, present: _pointwise_one_modality(self.embed[0], one, present, self.num_modalities))
+        emb = self.embed[1:](first)
         if not self.last_stage:
             emb = torch.cat((decoder_feat, emb), dim=1)
         return self.head(emb)
@@ -196,11 +197,17 @@ class RegionAwareFusion(nn.Module):
             _cna(channels, channels, dims=dims),
             _cna(channels, channels // 2, kernel=1, dims=dims))
 
-    def forward(self, y: Tensor, prior: Tensor, present: Tensor | None = None) -> Tensor:
-        """y: masked features [B, M, C, *S] (or [P, C, *S] holding only modality present[p]);
-        prior: region probabilities [B, R, *S] (detached)."""
-        if present is not None:
-            return self._forward_one_modality(y, prior, present)
+    def forward(self, y: Tensor | Rows, prior: Tensor) -> Tensor:
+        """y: masked features [B, M, C, *S], or Rows that may also hold one-modality rows;
+        prior: region probabilities [rows, R, *S] (detached)."""
+        y = Rows.of(y)
+        n = y.num_full
+        regions, short = y.apply(lambda full: self._regions_full(full, prior[:n]),
+                                 lambda one, present: self._regions_one_modality(one, prior[n:], present))
+        return torch.cat((self.region_merge(regions), self.shortcut[1:](short)), dim=1)
+
+    def _regions_full(self, y: Tensor, prior: Tensor) -> tuple[Tensor, Tensor]:
+        """(region features [B, R*C, *S], first shortcut conv) of stacked features y [B, M, C, *S]."""
         b, m, c = y.shape[:3]
         spatial = y.shape[3:]
         r = prior.shape[1]
@@ -216,8 +223,7 @@ class RegionAwareFusion(nn.Module):
             fused = torch.einsum("bm,bmcn->bcn", weight.to(yf.dtype), yf) * pf[:, i:i + 1]
             region_feats.append(fused)
         regions = torch.stack(region_feats, dim=1).reshape(b, r * c, *spatial)
-        flat = y.reshape(b, m * c, *spatial)
-        return torch.cat((self.region_merge(regions), self.shortcut(flat)), dim=1)
+        return regions, self.shortcut[0](y.reshape(b, m * c, *spatial))
 
     def _modality_weights(self, region: int, pooled: Tensor, prior_mean: Tensor) -> Tensor:
         """[B, M] sigmoid weights from region-pooled features [B, M, C] and mean prior [B, 1]."""
@@ -226,8 +232,8 @@ class RegionAwareFusion(nn.Module):
         unit = (1,) * self.dims
         return torch.sigmoid(self.weight_mlps[region](vec.reshape(b, m * c + 1, *unit)).reshape(b, m))
 
-    def _forward_one_modality(self, y: Tensor, prior: Tensor, present: Tensor) -> Tensor:
-        """The same computation when row p has only modality present[p]: y is [P, C, *S].
+    def _regions_one_modality(self, y: Tensor, prior: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        """The same when row p has only modality present[p]: y is [P, C, *S].
 
         The sums over modalities then have a single non-zero term, so pooled features are
         computed for that modality alone and the region feature is its weight times its feature.
@@ -248,8 +254,7 @@ class RegionAwareFusion(nn.Module):
             w_present = weight.gather(1, present[:, None]).to(yf.dtype)  # [P, 1]
             region_feats.append(w_present[:, :, None] * yf * pf[:, i:i + 1])
         regions = torch.stack(region_feats, dim=1).reshape(p, r * c, *spatial)
-        short = _pointwise_one_modality(self.shortcut[0], y, present, self.num_modalities)
-        return torch.cat((self.region_merge(regions), self.shortcut[1:](short)), dim=1)
+        return regions, _pointwise_one_modality(self.shortcut[0], y, present, self.num_modalities)
 
 
 class FusionDecoder(nn.Module):
@@ -266,22 +271,23 @@ class FusionDecoder(nn.Module):
         self.blocks = nn.ModuleList(_UpBlock(chans[i + 1], dims) for i in range(NUM_SCALES - 1))
         self.seg = conv_cls(dims)(width, num_classes, 1)
 
-    def forward(self, feats: list[Tensor], present: Tensor | None = None) -> FusedOutput:
-        """feats: masked per-modality features [B, M, C_l, *S_l], finest first; or, with
-        ``present`` [P], the features [P, C_l, *S_l] of the single modality present in each row."""
+    def forward(self, feats: list[Tensor | Rows]) -> FusedOutput:
+        """feats: masked per-modality features [B, M, C_l, *S_l] per scale, finest first, or Rows
+        (stacked rows, then one-modality rows); the output rows are in that order."""
+        feats = [Rows.of(f) for f in feats]
         priors: list[Tensor] = [None] * NUM_SCALES
         dec_feats: list[Tensor] = [None] * NUM_SCALES
         top = NUM_SCALES - 1
         y = feats[top]
-        priors[top] = self.prm[top](y, None, present)
-        x = self.rfm[top](y, torch.softmax(priors[top], dim=1).detach(), present)
+        priors[top] = self.prm[top](y, None)
+        x = self.rfm[top](y, torch.softmax(priors[top], dim=1).detach())
         dec_feats[top] = x
         for level in range(top - 1, -1, -1):
             y = feats[level]
             block = self.blocks[level]
-            up = block.up(x, y if present is not None else y[:, 0])
-            priors[level] = self.prm[level](y, up, present)
-            fused = self.rfm[level](y, torch.softmax(priors[level], dim=1).detach(), present)
+            up = block.up(x, y.spatial)
+            priors[level] = self.prm[level](y, up)
+            fused = self.rfm[level](y, torch.softmax(priors[level], dim=1).detach())
             x = block.combine(fused, up)  # reference order: cat(RFM output, decoder feature)
             dec_feats[level] = x
         return FusedOutput(logits=self.seg(x), aux_logits=priors, decoder_features=dec_feats)
@@ -378,7 +384,16 @@ class RFNet(Backbone):
         (up to float rounding) but the zero-filled [P, M, ...] features are never built."""
         device = features.scales[0].device
         b_idx, m_idx = b_idx.to(device), m_idx.to(device)
-        return self.decoder_fuse([f[b_idx, m_idx] for f in features.scales], present=m_idx)
+        return self.decoder_fuse([Rows(single=f[b_idx, m_idx], present=m_idx) for f in features.scales])
+
+    def fuse_teacher_and_singles(self, features: Features, mask: Tensor, b_idx: Tensor,
+                                 m_idx: Tensor) -> tuple[FusedOutput, FusedOutput]:
+        """``fuse`` and ``fuse_single`` as ONE decoder pass over B + P rows (same values)."""
+        device = features.scales[0].device
+        mask = self._check_mask(mask, features.batch_size).to(device)
+        b_idx, m_idx = b_idx.to(device), m_idx.to(device)
+        rows = [Rows(self.zero_unavailable(f, mask), f[b_idx, m_idx], m_idx) for f in features.scales]
+        return self.decoder_fuse(rows).split(features.batch_size)
 
     def decode_single(self, features: Features, mask: Tensor | None = None) -> Tensor:
         scales = features.scales
