@@ -41,6 +41,12 @@ def test_demo_leaves_a_report_with_both_runs_all_subsets_and_figures(demo_dir):
     assert "Dice on the val cases during training" in report
     for run in ("baseline", "passion"):
         assert (demo_dir / run / "checkpoints" / "best.pt").is_file()
+    # both runs' overlays, side by side in one table row
+    overlays = report.split("## Overlays")[1].split("\n## ")[0]
+    assert "(overlay_rfnet+baseline.png) | ![overlay rfnet+passion](overlay_rfnet+passion.png) |" in overlays
+    for run in ("baseline", "passion"):
+        assert (demo_dir / "report" / f"overlay_rfnet+{run}.png").stat().st_size > 10_000
+        assert (demo_dir / run / "eval" / "test" / "overlay_cases.npz").is_file()
 
 
 def test_demo_rerun_skips_finished_work(demo_dir):

@@ -182,7 +182,7 @@ def test_evaluate_writes_all_outputs(tmp_path):
     run = make_run(tmp_path)
     res = passion.evaluate(run, split="test", progress=False)
     out = run / "eval" / "test"
-    for f in ("per_case.csv", "results.json", "results.md", "heatmap.png"):
+    for f in ("per_case.csv", "results.json", "results.md", "heatmap.png", "overlay_cases.npz"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(res))

@@ -167,6 +167,11 @@ def test_tiny_end_to_end_2d(tiny_run):
     assert "slice_wise" in results["conventions"] and results["conventions"]["roi_size"] == [32, 32]
     saved = json.loads((tiny_run / "run" / "eval" / "test" / "results.json").read_text())
     assert len(saved["subsets"]) == 7
+    from passion.engine.overlay_cases import OVERLAY_FILE, load_overlay
+
+    kept = load_overlay(tiny_run / "run" / "eval" / "test" / OVERLAY_FILE)  # a slice of the subject's stack
+    names = kept.subset_names()  # full, singles, the two rarest in this tiny split's realised rates
+    assert names[:4] == ["c0+de+t2", "c0", "de", "t2"] and len(names) == 5 and len(kept.cases) == 1
 
 
 def test_tiny_predict_back_in_original_geometry(tiny_run, tmp_path):
@@ -174,7 +179,9 @@ def test_tiny_predict_back_in_original_geometry(tiny_run, tmp_path):
 
     name = (tiny_run / "split" / "test.txt").read_text().split()[0]
     files = {"c0": tiny_run / "raw" / f"{name}_C0.nii.gz", "t2": tiny_run / "raw" / f"{name}_T2.nii.gz"}
-    out = predict(tiny_run / "run", files=files, output_dir=tmp_path / "pred", progress=False, log=None)
+    out = predict(tiny_run / "run", files=files, output_dir=tmp_path / "pred", progress=False, log=None,
+                  overlay=True)
+    assert [p.name for p in out] == [f"{name}.nii.gz", f"{name}.png"]
     img = nib.load(str(out[0]))
     ref = nib.load(str(files["c0"]))
     assert img.shape == ref.shape == (64, 64, 6)

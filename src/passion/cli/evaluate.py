@@ -37,7 +37,8 @@ def evaluate(
                          subset_chunk=subset_chunk, fuse_batch=fuse_batch, overwrite=overwrite)
     typer.echo(subset_table(res))
     dest = out or Path(res["run_dir"]) / "eval" / res["split"]
-    typer.echo(f"results: {dest}/results.json (table: results.md, heatmap: heatmap.png, per case: per_case.csv)")
+    typer.echo(f"results: {dest}/results.json (table: results.md, heatmap: heatmap.png, per case: per_case.csv, "
+               "slices for the report's overlays: overlay_cases.npz)")
 
 
 def _parse_modality_files(flair, t1ce, t1, t2, modality: list[str]) -> dict[str, Path]:

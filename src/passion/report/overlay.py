@@ -87,6 +87,10 @@ def legend_handles(spec: DatasetSpec, with_reference: bool = True) -> list:
     return handles
 
 
+def _legend_columns(n: int) -> int:
+    return n if n <= 5 else (n + 1) // 2
+
+
 def _dice_text(dice: dict, regions: Sequence[str]) -> str:
     def one(v):
         return "-" if v is None or v != v else f"{v:.2f}"
@@ -100,8 +104,9 @@ def draw_cases(data, path: str | Path, title: str = "") -> Path:
     regions = [r for r in data.regions if not r.endswith("post")]
     names = data.subset_names()
     rows, cols = max(1, len(names)), max(1, len(data.cases))
-    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_INCHES * cols + 0.4, (PANEL_INCHES + 0.45) * rows + 1.1),
-                             squeeze=False)
+    # at least three panels wide, so that the title and legend fit with one or two cases
+    fig, axes = plt.subplots(rows, cols, figsize=(PANEL_INCHES * max(cols, 3) + 0.4,
+                                                  (PANEL_INCHES + 0.45) * rows + 1.1), squeeze=False)
     if not data.cases:
         for ax in axes.flat:
             ax.axis("off")
@@ -119,8 +124,7 @@ def draw_cases(data, path: str | Path, title: str = "") -> Path:
                        f"{case.score:.2f}\n" + text
             ax.set_title(text, fontsize=7.5)
     handles = legend_handles(spec)
-    fig.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)), fontsize=8,
-               frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=_legend_columns(len(handles)), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1))
@@ -169,8 +173,8 @@ def draw_orthogonal(images: np.ndarray, available: Sequence[bool], classes: np.n
                        aspect=_aspect(spacing, keep), window=window)
             ax.set_title(f"{spec.modalities[m]}: {view} {'xyz'[axis]}={centre[axis] + (box[axis].start or 0)}",
                          fontsize=8)
-    fig.legend(handles=legend_handles(spec, with_reference=False), loc="lower center",
-               ncol=min(5, spec.num_classes), fontsize=8, frameon=False)
+    handles = legend_handles(spec, with_reference=False)
+    fig.legend(handles=handles, loc="lower center", ncol=_legend_columns(len(handles)), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
