@@ -138,5 +138,5 @@ def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", mode
 
     log("[6/6] writing the comparison report")
     report = write_comparison_report(runs, out / "report")
-    log(f"report: {report}")
+    log(f"report: {report} (slice overlays of both runs: {out / 'report'}/overlay_*.png)")
     return report

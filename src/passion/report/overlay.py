@@ -113,11 +113,12 @@ def draw_cases(data, path: str | Path, title: str = "") -> Path:
         axes[0][0].text(0.5, 0.5, "no evaluated case", ha="center", va="center")
     for c, case in enumerate(data.cases):
         aspect = _aspect(case.spacing, (0, 1))
+        box = _content_box(case.image)
         for r, mask in enumerate(data.subsets):
             ax = axes[r][c]
             present = [m and a for m, a in zip(mask, case.available)]
             bg = case.image[background_index(spec, present)]
-            draw_panel(ax, bg, spec, case.preds[r], case.label, aspect=aspect)
+            draw_panel(ax, bg[box], spec, case.preds[r][box], case.label[box], aspect=aspect)
             text = f"{names[r]}\n{_dice_text(case.dice[r], regions)}"
             if r == 0:
                 text = f"{case.role}: {case.name} (slice {case.slice})\nmean {data.rank_region} " \
@@ -125,10 +126,18 @@ def draw_cases(data, path: str | Path, title: str = "") -> Path:
             ax.set_title(text, fontsize=7.5)
     handles = legend_handles(spec)
     fig.legend(handles=handles, loc="lower center", ncol=_legend_columns(len(handles)), fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1))
+    _finish(fig, title, legend_inches=0.6)
     return save_figure(fig, path, dpi=DPI, tight=False)
+
+
+def _finish(fig, title: str, legend_inches: float) -> None:
+    """Lay the panels out between the legend (bottom) and the title (top, about 0.17 inch per line)."""
+    height = fig.get_figheight()
+    top = 1.0
+    if title:
+        fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
+        top = 1 - (0.1 + 0.17 * (title.count("\n") + 1)) / height
+    fig.tight_layout(rect=(0, legend_inches / height, 1, top))
 
 
 def tumour_centre(classes: np.ndarray) -> tuple[int, ...]:
@@ -175,9 +184,7 @@ def draw_orthogonal(images: np.ndarray, available: Sequence[bool], classes: np.n
                          fontsize=8)
     handles = legend_handles(spec, with_reference=False)
     fig.legend(handles=handles, loc="lower center", ncol=_legend_columns(len(handles)), fontsize=8, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
+    _finish(fig, title, legend_inches=0.45)
     return save_figure(fig, path, dpi=DPI, tight=False)
 
 
