@@ -113,7 +113,7 @@ class OverlayCollector:
         self.spec = spec
         self.evaluated = [tuple(bool(v) for v in m) for m in evaluated]
         self.rows = figure_subsets(spec, self.evaluated, rarest)
-        self.regions = [r for r in spec.regions]
+        self.regions = list(spec.regions)
         self.cases: dict[str, OverlayCase] = {}
 
     def add(self, name: str, image: np.ndarray, label: np.ndarray, classes: np.ndarray, rows: Sequence[dict],
