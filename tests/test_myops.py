@@ -161,9 +161,15 @@ def test_tiny_end_to_end_2d(tiny_run):
     results = evaluate(tiny_run / "run", split="test", progress=False)
     assert results["dataset"] == "myops2020" and results["num_cases"] == 1
     assert len(results["subsets"]) == 7
-    for s in results["subsets"]:
-        assert set(s["dice"]) == {"LV", "RV", "MYO"}
-        assert all(0.0 <= v <= 1.0 for v in s["dice"].values())
+    import csv
+
+    with open(tiny_run / "run" / "eval" / "test" / "per_case.csv") as f:
+        rows = {(r["subset"], r["region"]): float(r["dice"]) for r in csv.DictReader(f)}
+    assert len(rows) == 7 * 3
+    for s in results["subsets"]:  # one case: each subset's mean is that case's row
+        assert s["dice"] == pytest.approx({reg: rows[(s["subset"], reg)] for reg in ("LV", "RV", "MYO")}, abs=1e-6)
+    for reg in ("LV", "RV", "MYO"):
+        assert results["mean"]["dice"][reg] == pytest.approx(np.mean([s["dice"][reg] for s in results["subsets"]]))
     assert "slice_wise" in results["conventions"] and results["conventions"]["roi_size"] == [32, 32]
     saved = json.loads((tiny_run / "run" / "eval" / "test" / "results.json").read_text())
     assert len(saved["subsets"]) == 7
