@@ -65,9 +65,11 @@ def test_cuda_step_matches_cpu(name, objective):
     loss_gpu, grads_gpu = _step(name, objective, "cuda")
     torch.testing.assert_close(loss_gpu, loss_cpu, rtol=1e-4, atol=1e-5)
     assert grads_gpu.keys() == grads_cpu.keys() and grads_cpu
-    worst = max(((g - grads_cpu[k]).abs().max() / (grads_cpu[k].abs().max() + 1e-8)).item()
-                for k, g in grads_gpu.items())
-    assert worst < 1e-3, worst
+    # relative to the largest gradient of the model: some gradients are zero in exact arithmetic
+    # (a conv bias before instance norm) and only rounding noise on either device
+    scale = max(g.abs().max().item() for g in grads_cpu.values())
+    worst = max(((g - grads_cpu[k]).abs().max().item(), k) for k, g in grads_gpu.items())
+    assert worst[0] < 1e-3 * scale, (worst, scale)
 
 
 @pytest.mark.parametrize("name", BACKBONES)
