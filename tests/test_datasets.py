@@ -1,6 +1,7 @@
 """Training/evaluation datasets and augmentation: masks per setting, zero channels, determinism."""
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -187,7 +188,7 @@ def test_crop_pads_small_volumes_with_zeros():
     assert img[:, 3].sum() == 0 and lab[3].sum() == 0 and img[:, :3].all()
 
 
-def test_intensity_jitter_and_rotation_are_bounded():
+def test_intensity_jitter_is_bounded():
     image = np.full((1, 9, 9, 9), 2.0, np.float32)
     label = np.zeros((9, 9, 9), np.uint8)
     for seed in range(5):
@@ -196,6 +197,28 @@ def test_intensity_jitter_and_rotation_are_bounded():
         v = float(img[0, 4, 4, 4])
         assert 2.0 * 0.9 - 0.1 <= v <= 2.0 * 1.1 + 0.1
         assert np.allclose(img, v)
+
+
+@pytest.mark.parametrize("dims", [3, 2])
+def test_rotation_and_flips_keep_image_and_label_aligned(dims):
+    """An off-centre bright box labelled 2: after rotation (up to 10 degrees), jitter and flips the
+    bright voxels and the labelled ones still coincide (IoU >= 0.9; rotating the label by the
+    opposite angle gives 0.48, flipping it on another axis 0)."""
+    shape = (20, 18, 16)[:dims]
+    box = (slice(3, 10), slice(4, 13), slice(2, 7))[:dims]
+    label = np.zeros(shape, np.uint8)
+    label[box] = 2
+    image = np.where(label == 2, 10.0, 1.0).astype(np.float32)[None].repeat(3, 0)
+    avail = [True, False, True]
+    flips = [np.flip(label, axes) for k in range(dims + 1) for axes in itertools.combinations(range(dims), k)]
+    rotated = 0
+    for seed in range(20):
+        img, lab = augment_patch(image, label, shape, avail, np.random.default_rng(seed), AugmentConfig())
+        assert not img[1].any()  # the missing modality stays exactly zero
+        bright, labelled = img[[0, 2]].mean(0) > 5.5, lab == 2
+        assert (bright & labelled).sum() / (bright | labelled).sum() >= 0.9, seed
+        rotated += not any(np.array_equal(lab, f) for f in flips)
+    assert rotated >= 8  # the draws really rotate (small angles leave a box label unchanged)
 
 
 def test_eval_dataset_returns_full_volumes(cache):
