@@ -134,8 +134,6 @@ def test_feature_reuse_equals_forward_builtin_backbones(name):
     """Reuse is only valid if encode is per-modality; check it for every registered backbone."""
     from passion.models import build_model
 
-    if name not in list_models():
-        pytest.skip(f"{name} backbone not available")
     size = _BUILTIN_SIZES[name]
     torch.manual_seed(2)
     model = build_model(name, num_modalities=4, num_classes=4, base_width=4, patch_size=(size,) * 3).eval()
@@ -190,7 +188,6 @@ def test_evaluate_writes_all_outputs(tmp_path):
     for entry in res["subsets"] + [res["mean"]]:
         for key in ("dice", "hd95"):
             assert set(entry[key]) == {"WT", "TC", "ET", "ETpost"}
-            assert all(v is not None for v in entry[key].values())
     assert res["subsets"][0]["modalities"] == ["t2"] and res["subsets"][-1]["modalities"] == list(SPEC.modalities)
     assert res["conventions"]["one_empty"]["hd95"] == 373.13 and res["conventions"]["overlap"] == 0.5
     post = res["conventions"]["postprocess"]
@@ -201,8 +198,12 @@ def test_evaluate_writes_all_outputs(tmp_path):
     with open(out / "per_case.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 15 * 4
-    c1_t2_wt = [float(r["dice"]) for r in rows if r["subset"] == "t2" and r["region"] == "WT"]
-    assert res["subsets"][0]["dice"]["WT"] == pytest.approx(np.mean(c1_t2_wt), abs=1e-5)
+    for entry in res["subsets"]:  # each subset's value is the mean of its two cases' rows
+        for key in ("dice", "hd95"):
+            for region, value in entry[key].items():
+                cases = [float(r[key]) for r in rows if r["subset"] == entry["subset"] and r["region"] == region]
+                assert len(cases) == 2 and value == pytest.approx(np.mean(cases), abs=1e-4), (entry["subset"], key)
+    assert len({round(s["dice"]["WT"], 6) for s in res["subsets"]}) > 1  # the subsets really differ
     md = (out / "results.md").read_text()
     assert md.count("●") + md.count("○") == 15 * 4 + 2 and "**mean**" in md and "373.13" in md
     assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
