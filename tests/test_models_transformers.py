@@ -55,6 +55,30 @@ def test_mmformer_token_layouts_share_parameters():
     assert a.transformer_dim == 256  # 64 * base_width, i.e. 512 at the paper's width 8
 
 
+class _PassTokens(torch.nn.Module):
+    def forward(self, tokens, pos):
+        return tokens
+
+
+@pytest.mark.parametrize("dims", (2, 3))
+def test_mmformer_token_layouts_place_tokens_on_the_grid(dims):
+    """With the transformer and the output conv made identities, "spatial" puts token (m, n) of the
+    modality-major sequence at grid cell n, channels m*E..(m+1)*E; "reference" keeps the
+    reference's plain view: cell n holds the M*E values that follow position n*M*E of the sequence."""
+    intra = torch.randn(2, 4, 3, *(2,) * dims, dtype=torch.float64)  # [B, M, E, *grid]
+    b, m, e = intra.shape[:3]
+    grid = intra.shape[3:]
+    tokens = intra.flatten(3).transpose(2, 3).reshape(b, -1, e)  # modality-major [B, M*N, E]
+    expected = {"spatial": intra.reshape(b, m * e, *grid),
+                "reference": tokens.reshape(b, -1, m * e).transpose(1, 2).reshape(b, m * e, *grid)}
+    assert not torch.equal(expected["spatial"], expected["reference"])
+    for layout, want in expected.items():
+        model, _ = tiny("mmformer", dims, token_layout=layout)
+        model.grid = tuple(grid)
+        model.inter_transformer, model.inter_conv = _PassTokens(), torch.nn.Identity()
+        torch.testing.assert_close(model._inter_modal(intra), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dims", (2, 3))
 def test_shapes_and_scales(name, dims):
