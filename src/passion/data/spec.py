@@ -6,6 +6,8 @@ subset enumeration from here, so that a new dataset is one preset, not a code ch
 from __future__ import annotations
 
 import itertools
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 Mask = tuple[bool, ...]
@@ -58,10 +60,15 @@ class DatasetSpec:
     postprocess_min_volume_mm3: float = 500.0
     spatial_dims: int = 3
     file_extension: str = ".nii.gz"
+    # between case name and suffix in written files (reading accepts both): BraTS 2023 uses "-"
+    file_separator: str = "_"
     # in-plane centre crop (zero-padded where the image is smaller) instead of the non-zero box;
     # 2D datasets: samples are slices along the last axis of each subject's volume
     crop_size: tuple[int, ...] | None = None
     extra: dict = field(default_factory=dict)
+    # other names of a modality / class (other releases, dataset.json channel and label names)
+    modality_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    class_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def num_modalities(self) -> int:
@@ -87,6 +94,22 @@ class DatasetSpec:
             raise ValueError(
                 f"unknown modality {name!r} for dataset {self.name}; expected one of {', '.join(self.modalities)}"
             ) from None
+
+    def match_modality(self, name: str) -> int | None:
+        """Index of the modality called `name` (its own name, file suffix or an alias), else None."""
+        key = normalize_name(name)
+        for i, m in enumerate(self.modalities):
+            if key in {normalize_name(n) for n in (m, self.suffixes[i], *self.modality_aliases.get(m, ()))}:
+                return i
+        return None
+
+    def match_class(self, name: str) -> int | None:
+        """Index of the class called `name` (its own name or an alias), else None."""
+        key = normalize_name(name)
+        for i, c in enumerate(self.class_names):
+            if key in {normalize_name(n) for n in (c, *self.class_aliases.get(c, ()))}:
+                return i
+        return None
 
     def subsets(self) -> list[Mask]:
         return enumerate_subsets(self.num_modalities)
@@ -133,10 +156,16 @@ class DatasetSpec:
             "postprocess_min_volume_mm3": self.postprocess_min_volume_mm3,
             "spatial_dims": self.spatial_dims,
             **({"crop_size": list(self.crop_size)} if self.crop_size else {}),
+            **({"file_separator": self.file_separator} if self.file_separator != "_" else {}),
+            **({"modality_aliases": {k: list(v) for k, v in self.modality_aliases.items()}}
+               if self.modality_aliases else {}),
+            **({"class_aliases": {k: list(v) for k, v in self.class_aliases.items()}} if self.class_aliases else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "DatasetSpec":
+        # specs saved before aliases existed get those of the preset they came from
+        preset = PRESETS.get(d["name"]) if "modality_aliases" not in d and "class_aliases" not in d else None
         return cls(
             name=d["name"],
             modalities=tuple(d["modalities"]),
@@ -150,10 +179,19 @@ class DatasetSpec:
             postprocess_min_volume_mm3=float(d.get("postprocess_min_volume_mm3", d.get("postprocess_min_voxels", 500))),
             spatial_dims=int(d.get("spatial_dims", 3)),
             crop_size=tuple(int(v) for v in d["crop_size"]) if d.get("crop_size") else None,
+            file_separator=d.get("file_separator", "_"),
+            modality_aliases={k: tuple(v) for k, v in d.get("modality_aliases", {}).items()}
+            if preset is None else dict(preset.modality_aliases),
+            class_aliases={k: tuple(v) for k, v in d.get("class_aliases", {}).items()}
+            if preset is None else dict(preset.class_aliases),
         )
 
 
-_BRATS_CLASSES = ("background", "necrotic_core", "edema", "enhancing")
+def normalize_name(name: str) -> str:
+    """'T2-FLAIR', 't2 flair' and 't2_flair' are one name; so are tumour and tumor."""
+    return re.sub(r"[^a-z0-9]", "", str(name).lower()).replace("tumour", "tumor").replace("oedema", "edema")
+
+
 # figure colours by class name (names travel with every saved spec, so old checkpoints get them too)
 CLASS_COLORS = {
     "necrotic_core": "#e41a1c", "edema": "#4daf4a", "enhancing": "#ffd92f",
@@ -161,53 +199,55 @@ CLASS_COLORS = {
     "scar": "#ff7f00",
 }
 _FALLBACK_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-_BRATS_REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
 
-PRESETS: dict[str, DatasetSpec] = {
-    "brats2020": DatasetSpec(
-        name="brats2020",
-        modalities=("flair", "t1ce", "t1", "t2"),
-        suffixes=("flair", "t1ce", "t1", "t2"),
-        label_suffix="seg",
-        label_map={0: 0, 1: 1, 2: 2, 4: 3},
-        class_names=_BRATS_CLASSES,
-        regions=_BRATS_REGIONS,
-        postprocess_region="ET",
-    ),
-    "brats2023": DatasetSpec(
-        name="brats2023",
-        modalities=("t2f", "t1c", "t1n", "t2w"),
-        suffixes=("t2f", "t1c", "t1n", "t2w"),
-        label_suffix="seg",
-        label_map={0: 0, 1: 1, 2: 2, 3: 3},
-        class_names=_BRATS_CLASSES,
-        regions=_BRATS_REGIONS,
-        postprocess_region="ET",
-    ),
-    # MyoPS 2020 (cardiac): bSSFP (C0), LGE (DE), T2; raw labels of the challenge release; 2D slices,
-    # 256x256 centre crops; scored on LV and RV blood pool and the whole myocardium (normal + edema + scar)
-    "myops2020": DatasetSpec(
-        name="myops2020",
-        modalities=("c0", "de", "t2"),
-        suffixes=("C0", "DE", "T2"),
-        label_suffix="gd",
-        label_map={0: 0, 200: 1, 500: 2, 600: 3, 1220: 4, 2221: 5},
-        class_names=("background", "normal_myocardium", "lv_blood_pool", "rv_blood_pool", "edema", "scar"),
-        regions={"LV": (2,), "RV": (3,), "MYO": (1, 4, 5)},
-        postprocess_region=None,
-        spatial_dims=2,
-        crop_size=(256, 256),
-    ),
-}
+
+class _Presets(Mapping):
+    """The built-in dataset descriptions (passion/data/presets/*.yaml), read on first use."""
+
+    def __init__(self):
+        self._specs: dict[str, DatasetSpec] | None = None
+
+    def _load(self) -> dict[str, DatasetSpec]:
+        if self._specs is None:
+            from .description import load_preset, preset_names
+
+            self._specs = {name: load_preset(name) for name in preset_names()}
+        return self._specs
+
+    def __getitem__(self, name: str) -> DatasetSpec:
+        return self._load()[name]
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def register(self, spec: DatasetSpec) -> None:
+        self._load()[spec.name] = spec
+
+
+PRESETS = _Presets()
 
 
 def get_spec(name: str) -> DatasetSpec:
+    """A preset by name, or a dataset description file by path (.yaml/.yml/.json)."""
+    from .description import load_description, looks_like_description
+
+    if looks_like_description(name):
+        from ..utils import PassionError
+
+        try:
+            return load_description(name)
+        except PassionError as exc:
+            raise ValueError(str(exc)) from None
     try:
         return PRESETS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(PRESETS))}, "
+                         "or the path of a description file (.yaml/.json)") from None
 
 
 def register_spec(spec: DatasetSpec) -> DatasetSpec:
-    PRESETS[spec.name] = spec
+    PRESETS.register(spec)
     return spec

@@ -5,7 +5,8 @@ The anatomy is nilearn's MNI152 template with its GM/WM probability maps and bra
 nested sub-regions is drawn into it, and each modality gets its own MRI-like contrast, so
 that modalities carry different information, as a missing-modality method needs.
 
-Modality roles follow the spec's order, which for the BraTS presets is FLAIR, T1ce, T1, T2.
+Each modality's contrast (FLAIR, T1ce, T1, T2) and each class's tumour part come from their names
+or aliases, so any description file with such modalities and classes gets phantoms (modality_roles).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..utils import PassionError, atomic_write_json, progress
-from .nifti import write_label_map, write_nifti
+from .layout_writers import layout_writer
 from .spec import PRESETS, DatasetSpec
 
 FOV_MM = 240.0  # BraTS in-plane field of view
@@ -171,12 +172,32 @@ def _make_tumour(brain: np.ndarray, wm: np.ndarray, spacing: np.ndarray, rng: np
     return Tumour(edema, core, necrosis, enhancing, [int(round(v)) for v in center], float(radius))
 
 
+TUMOUR_PARTS = ("necrotic_core", "edema", "enhancing")
+
+
 def _raw_labels(spec: DatasetSpec) -> tuple[int, int, int]:
-    """Raw (on-disk) values of necrotic core, edema and enhancing tumour for this spec."""
+    """Raw (on-disk) values of necrotic core, edema and enhancing tumour: the spec's classes of those
+    names or aliases (one class may take several parts, e.g. a 'core' class with necrosis and enhancing)."""
     inv = spec.inverse_label_map
-    if spec.num_modalities != 4 or not all(c in inv for c in (1, 2, 3)):
-        raise PassionError(f"phantoms need a BraTS-like dataset (4 modalities, classes 1-3), not {spec.name}")
-    return inv[1], inv[2], inv[3]
+    classes = [spec.match_class(part) for part in TUMOUR_PARTS]
+    if None in classes or 0 in classes:
+        raise PassionError(f"phantoms need classes named (or aliased) {', '.join(TUMOUR_PARTS)}; "
+                           f"{spec.name} has {', '.join(spec.class_names[1:])}")
+    return inv[classes[0]], inv[classes[1]], inv[classes[2]]
+
+
+def modality_roles(spec: DatasetSpec) -> list[str]:
+    """The MRI contrast (flair, t1ce, t1 or t2) of each modality, through brats2020's names and aliases."""
+    brats = PRESETS["brats2020"]
+    roles = []
+    for m, suffix in zip(spec.modalities, spec.suffixes):
+        names = (m, suffix, *spec.modality_aliases.get(m, ()))
+        idx = next((i for i in (brats.match_modality(n) for n in names) if i is not None), None)
+        if idx is None:
+            raise PassionError(f"phantoms need MRI brain sequences ({', '.join(ROLES)} or their aliases); "
+                               f"{spec.name}'s modality {m} is none of them")
+        roles.append(ROLES[idx])
+    return roles
 
 
 def tumour_labels(t: Tumour, spec: DatasetSpec) -> np.ndarray:
@@ -252,7 +273,7 @@ def synthesize_case(index: int, shape: tuple[int, int, int], seed: int, spec: Da
     brain = anatomy["mask"] > 0.5
     tumour = _make_tumour(brain, anatomy["wm"], spacing, rng)
     images = {m: _modality_image(role, anatomy, brain, tumour, spacing, rng)
-              for m, role in zip(spec.modalities, ROLES)}
+              for m, role in zip(spec.modalities, modality_roles(spec))}
     seg = tumour_labels(tumour, spec)
     available = draw_available(seed, index, spec, drop_rates)
     info = {"name": case_name(index), "available": available, "enhancing": tumour.enhancing,
@@ -262,28 +283,14 @@ def synthesize_case(index: int, shape: tuple[int, int, int], seed: int, spec: Da
     return SynthCase(case_name(index), images, seg, affine, available, tissue, info)
 
 
-def write_case(out_dir: str | Path, case: SynthCase, spec: DatasetSpec) -> None:
-    """Write a case into a hidden folder, then move it in place: no half-written case folders."""
-    out_dir = Path(out_dir)
-    tmp = out_dir / f".{case.name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for (modality, suffix), keep in zip(zip(spec.modalities, spec.suffixes), case.available):
-            if keep:
-                write_nifti(tmp / f"{case.name}_{suffix}.nii.gz", case.images[modality], case.affine,
-                            dtype=np.float32)
-        write_label_map(tmp / f"{case.name}_{spec.label_suffix}.nii.gz", case.seg, case.affine)
-        final = out_dir / case.name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def write_case(out_dir: str | Path, case: SynthCase, spec: DatasetSpec, layout: str = "brats") -> None:
+    layout_writer(out_dir, layout, spec).write_case(case.name, case.images, case.seg, case.affine, case.available)
 
 
-def _make_and_write(index: int, out_dir: str, shape, seed: int, spec: DatasetSpec, drop_rates) -> dict:
+def _make_and_write(index: int, out_dir: str, shape, seed: int, spec: DatasetSpec, drop_rates,
+                    layout: str = "brats") -> dict:
     case = synthesize_case(index, shape, seed, spec, drop_rates)
-    write_case(out_dir, case, spec)
+    write_case(out_dir, case, spec, layout)
     return case.info
 
 
@@ -332,18 +339,23 @@ def _remove_previous_phantoms(out: Path, keep: set[str]) -> None:
 
 def synthesize_dataset(out_dir: str | Path, cases: int, shape=(96, 96, 96), seed: int = 0,
                        drop_rates: dict[str, float] | None = None, spec: DatasetSpec = PRESETS["brats2020"],
-                       workers: int | None = None, force: bool = False, progress_bar: bool = True) -> dict:
-    """Write `cases` phantoms in BraTS layout plus OUT/synth.json; returns the synth.json content."""
+                       workers: int | None = None, force: bool = False, progress_bar: bool = True,
+                       layout: str = "brats") -> dict:
+    """Write `cases` phantoms in a raw layout (brats, nnunet, msd: data/layout_writers.py) plus
+    OUT/synth.json; returns the synth.json content."""
     shape = tuple(int(s) for s in shape)
     _check_args(int(cases), shape, spec, drop_rates)
     _raw_labels(spec)
+    modality_roles(spec)
+    writer = layout_writer(out_dir, layout, spec)
     out = open_output_dir(out_dir, force)
     _remove_previous_phantoms(out, {case_name(i) for i in range(cases)})
     templates = load_templates()
-    args = (str(out), shape, int(seed), spec, dict(drop_rates or {}))
+    args = (str(out), shape, int(seed), spec, dict(drop_rates or {}), layout)
     infos = write_cases(_make_and_write, cases, args, workers, progress_bar,
                         initializer=_set_templates, initargs=(templates,))
-    summary = {"generator": "passion.data.synthetic", "dataset": spec.name, "cases": int(cases),
+    writer.finish([info["name"] for info in infos])
+    summary = {"generator": "passion.data.synthetic", "dataset": spec.name, "layout": layout, "cases": int(cases),
                "shape": list(shape), "seed": int(seed), "drop_rates": dict(drop_rates or {}),
                "fov_mm": FOV_MM, "spacing_mm": [FOV_MM / s for s in shape],
                "no_enhancing_fraction": NO_ENHANCING_FRACTION, "case_info": infos}
