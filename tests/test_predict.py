@@ -171,15 +171,15 @@ def test_predict_bad_inputs_leave_nothing(tmp_path):
 
     shapes = write_case(tmp_path / "b", "y", modalities=("flair",))
     nib.save(nib.Nifti1Image(np.ones((30, 28, 25), np.float32), AFFINE), str(shapes / "y_t2.nii.gz"))
-    with pytest.raises(PassionError, match="shape"):
-        predict(ckpt, [shapes], out, **kw)
+    with pytest.raises(PassionError, match="shape"):  # strict: other grids are refused, not resampled
+        predict(ckpt, [shapes], out, strict=True, **kw)
 
     moved = write_case(tmp_path / "c", "z", modalities=("flair",))
     shifted = AFFINE.copy()
     shifted[0, 3] += 2.0
     nib.save(nib.Nifti1Image(np.ones(SHAPE, np.float32), shifted), str(moved / "z_t1.nii.gz"))
     with pytest.raises(PassionError, match="affine"):
-        predict(ckpt, [moved], out, **kw)
+        predict(ckpt, [moved], out, strict=True, **kw)
 
     good = write_case(tmp_path / "d", "good")
     with pytest.raises(PassionError, match="unknown modality"):

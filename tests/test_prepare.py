@@ -217,14 +217,14 @@ def test_bad_case_fails_with_one_line_naming_case_and_file(kind, tmp_path):
     _good_case(raw, "Case_A")
     _good_case(raw, "Case_B")
     needle = _break(kind, raw / "Case_B")
-    with pytest.raises(PassionError) as info:
-        prepare_dataset(raw, cache, SPEC, min_size=4, progress=False)
+    with pytest.raises(PassionError) as info:  # strict: grids that differ are refused, not resampled
+        prepare_dataset(raw, cache, SPEC, min_size=4, progress=False, strict=True)
     msg = str(info.value)
     assert "Case_B" in msg and needle in msg and "\n" not in msg
     assert not cache_mod.case_dir(cache, "Case_B").exists()
     assert not (cache / "dataset.json").exists()
     # skip mode: the good case is cached, the bad one is reported and indexed as failed
-    summary = prepare_dataset(raw, cache, SPEC, on_error="skip", min_size=4, progress=False)
+    summary = prepare_dataset(raw, cache, SPEC, on_error="skip", min_size=4, progress=False, strict=True)
     assert [f["name"] for f in summary["failed"]] == ["Case_B"] and summary["indexed"] == 1
     index = cache_mod.read_index(cache)
     assert [c["name"] for c in index["cases"]] == ["Case_A"] and index["failed"][0]["name"] == "Case_B"

@@ -85,9 +85,15 @@ def prepare(
     min_size: int = typer.Option(128, "--min-size", help="minimum crop size per axis (paper: 128)"),
     crop_size: Optional[int] = typer.Option(
         None, "--crop-size", help="in-plane centre crop of 2D datasets (myops2020: 256, zero-padded if smaller)"),
+    spacing: Optional[tuple[float, float, float]] = typer.Option(
+        None, "--spacing", help="target voxel spacing X Y Z in mm (default: the dataset's median spacing)"),
+    orientation: Optional[str] = typer.Option(
+        None, "--orientation", help="target axis codes, e.g. RAS or LPS (default: the most common one)"),
+    strict: bool = typer.Option(False, "--strict", help="refuse cases whose modalities lie on different grids "
+                                                        "(default: resample onto the first modality's grid)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
-    """Crop, z-score and cache a raw dataset for training (skips cases already done)."""
+    """Resample onto one grid, crop, z-score and cache a raw dataset for training (skips cases already done)."""
     from ..data.preprocess import prepare_dataset
 
     if on_error not in ("fail", "skip"):
@@ -103,7 +109,10 @@ def prepare(
         from dataclasses import replace
 
         spec = replace(spec, crop_size=(crop_size,) * len(spec.crop_size))
-    summary = prepare_dataset(raw, cache, spec, workers, on_error, min_size, progress=not quiet)
+    summary = prepare_dataset(raw, cache, spec, workers, on_error, min_size, progress=not quiet,
+                              spacing=list(spacing) if spacing else None, orientation=orientation, strict=strict)
+    grid = summary.get("grid")
     typer.echo(f"{summary['indexed']} of {summary['cases']} cases in {cache} "
                f"({summary['prepared']} prepared, {summary['already_done']} already done, "
-               f"{len(summary['failed'])} failed)")
+               f"{len(summary['failed'])} failed)"
+               + (f" at {' x '.join(f'{v:g}' for v in grid['spacing'])} mm, {grid['orientation']}" if grid else ""))

@@ -1,11 +1,17 @@
 """The preprocessed cache format (written by `passion prepare`, read by datasets and evaluation).
 
     CACHE/dataset.json              {"format": "passion-cache", "version": 1, "spec": {...},
-                                     "cases": [{"name", "available": [bool per modality], "shape": [D,H,W]}], ...}
+                                     "cases": [{"name", "available": [bool per modality], "shape": [D,H,W]}],
+                                     "min_size", "spacing": [mm x3], "orientation": "LPS", ...}
     CACHE/cases/<case>/image.npy    float32 [M, D, H, W], z-scored, zeros for missing modalities
     CACHE/cases/<case>/label.npy    uint8 [D, H, W] training classes (absent when the case has no labels)
-    CACHE/cases/<case>/meta.json    {"name", "available", "original_shape", "affine" (4x4),
-                                     "spacing", "crop_box": [[lo, hi], ...] (hi exclusive), "files": {...}}
+    CACHE/cases/<case>/meta.json    {"name", "available", "original_shape", "affine" (4x4, of the raw file),
+                                     "spacing" (of the cached grid), "orientation", "grid_shape",
+                                     "grid": the dataset's {"spacing", "orientation"} it was prepared for,
+                                     "crop_box": [[lo, hi], ...] (hi exclusive, on the cached grid), "files": {...}}
+
+Caches from before spacing and orientation were recorded hold each case on its native grid;
+`grid_of` returns None for them.
 """
 from __future__ import annotations
 
@@ -88,3 +94,15 @@ def read_index(cache: str | Path) -> dict:
 
 def read_spec(cache: str | Path) -> DatasetSpec:
     return DatasetSpec.from_dict(read_index(cache)["spec"])
+
+
+def grid_of(index: dict) -> dict | None:
+    """The training grid {"spacing", "orientation"} of a cache index, None for native-grid caches."""
+    if index.get("spacing") is None or not index.get("orientation"):
+        return None
+    return {"spacing": [float(v) for v in index["spacing"]], "orientation": str(index["orientation"])}
+
+
+def preprocess_record(index: dict) -> dict:
+    """What `predict` must repeat of a cache's preprocessing; checkpoints store it as "preprocess"."""
+    return {"min_size": index.get("min_size"), **(grid_of(index) or {"spacing": None, "orientation": None})}

@@ -6,6 +6,7 @@ folders are messy and a user must be able to find the bad file without a traceba
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import nibabel as nib
 import numpy as np
 
 from ..utils import PassionError
+from .geometry import check_affine, resample_to_grid, same_grid, voxel_spacing
 from .spec import DatasetSpec
 
 EXTENSIONS = (".nii.gz", ".nii")
@@ -51,7 +53,7 @@ class LoadedCase:
 
     @property
     def spacing(self) -> list[float]:
-        return [float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))]
+        return list(voxel_spacing(self.affine))
 
 
 def _find_file(directory: Path, case: str, suffix: str) -> Path | None:
@@ -137,16 +139,17 @@ def load_volume(path: str | Path, case: str) -> tuple[np.ndarray, nib.Nifti1Imag
     return data, img
 
 
-def load_case(files: CaseFiles, spec: DatasetSpec, atol: float = AFFINE_ATOL) -> LoadedCase:
-    """Load the existing modality files (and label) and check that they share one geometry."""
+def load_case(files: CaseFiles, spec: DatasetSpec, atol: float = AFFINE_ATOL, strict: bool = False,
+              log=None) -> LoadedCase:
+    """Load the existing modality files (and label) onto one grid: the first available modality's in
+    spec order. A file on another grid (shape or affine beyond `atol`) is resampled onto it (images
+    linear, labels nearest) with one line to `log` (default stderr), or refused when `strict`."""
     case = files.name
     if not files.modalities:
         raise PassionError(
             f"case {case}: no modality file in {files.directory} "
             f"(expected {case}_<{'|'.join(spec.suffixes)}>.nii.gz)")
-    ref_path: Path | None = None
-    ref_img: nib.Nifti1Image | None = None
-    shape: tuple[int, ...] = ()
+    ref: tuple[Path, nib.Nifti1Image, tuple[int, ...]] | None = None
     images: list[np.ndarray | None] = []
     for modality in spec.modalities:
         path = files.modalities.get(modality)
@@ -154,15 +157,18 @@ def load_case(files: CaseFiles, spec: DatasetSpec, atol: float = AFFINE_ATOL) ->
             images.append(None)
             continue
         data, img = load_volume(path, case)
-        if ref_img is None:
-            ref_path, ref_img, shape = path, img, data.shape
+        check_affine(img.affine, f"case {case}: {path}")
+        if ref is None:
+            ref = (path, img, data.shape)
         else:
-            _check_geometry(case, path, data.shape, img.affine, ref_path, shape, ref_img.affine, atol)
+            data = _onto_grid(case, path, data, img.affine, ref, atol, strict, 1, log)
         images.append(data)
+    ref_path, ref_img, shape = ref
     label = None
     if files.label is not None:
         label, img = load_volume(files.label, case)
-        _check_geometry(case, files.label, label.shape, img.affine, ref_path, shape, ref_img.affine, atol)
+        check_affine(img.affine, f"case {case}: {files.label}")
+        label = _onto_grid(case, files.label, label, img.affine, ref, atol, strict, 0, log)
     stack = np.zeros((spec.num_modalities, *shape), dtype=np.float32)
     for i, data in enumerate(images):
         if data is not None:
@@ -174,14 +180,29 @@ def load_case(files: CaseFiles, spec: DatasetSpec, atol: float = AFFINE_ATOL) ->
                       np.asarray(ref_img.affine, dtype=np.float64), ref_img.header.copy(), file_map)
 
 
-def _check_geometry(case: str, path: Path, shape, affine, ref_path, ref_shape, ref_affine, atol: float) -> None:
+def _onto_grid(case: str, path: Path, data: np.ndarray, affine, ref, atol: float, strict: bool, order: int,
+               log) -> np.ndarray:
+    ref_path, ref_img, ref_shape = ref
+    if same_grid(data.shape, affine, ref_shape, ref_img.affine, atol):
+        return data
+    if strict:
+        grid_mismatch(case, path, data.shape, affine, ref_path, ref_shape, ref_img.affine, atol)
+    msg = (f"case {case}: {Path(path).name} is on another grid than {Path(ref_path).name} "
+           f"(shape {tuple(data.shape)} vs {tuple(ref_shape)}); resampled onto {Path(ref_path).name}'s grid")
+    (log or (lambda m: print(m, file=sys.stderr)))(msg)
+    return resample_to_grid(data, affine, ref_shape, ref_img.affine, order=order)
+
+
+def grid_mismatch(case: str, path: Path, shape, affine, ref_path, ref_shape, ref_affine, atol: float) -> None:
+    """Raise the one-line error for a file whose grid differs from the case's reference file."""
     if tuple(shape) != tuple(ref_shape):
         raise PassionError(
-            f"case {case}: {path} has shape {tuple(shape)} but {ref_path.name} has {tuple(ref_shape)}")
+            f"case {case}: {path} has shape {tuple(shape)} but {Path(ref_path).name} has {tuple(ref_shape)}")
     if not np.allclose(affine, ref_affine, atol=atol, rtol=0):
         diff = float(np.abs(np.asarray(affine) - np.asarray(ref_affine)).max())
         raise PassionError(
-            f"case {case}: {path} has an affine differing from {ref_path.name} by {diff:.4g} (tolerance {atol})")
+            f"case {case}: {path} has an affine differing from {Path(ref_path).name} by {diff:.4g} "
+            f"(tolerance {atol})")
 
 
 def _tmp_name(path: Path) -> Path:
@@ -217,3 +238,20 @@ def write_label_map(path: str | Path, labels: np.ndarray, affine: np.ndarray,
     labels = np.asarray(labels)
     dtype = np.uint8 if labels.size == 0 or (labels.min() >= 0 and labels.max() <= 255) else np.int16
     write_nifti(path, labels, affine, header, dtype=dtype)
+
+
+def reference_grid(files: CaseFiles, spec: DatasetSpec) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """(shape, affine) of a case's reference file (its first modality in spec order) from the header
+    alone; None when it cannot be read or its affine is unusable (the case then fails when loaded)."""
+    path = next((files.modalities[m] for m in spec.modalities if m in files.modalities), None)
+    if path is None:
+        return None
+    try:
+        img = nib.load(str(path))
+        check_affine(img.affine, str(path))
+    except Exception:  # reported with its case name when the case is loaded
+        return None
+    shape = tuple(int(s) for s in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return (shape, np.asarray(img.affine, dtype=np.float64)) if len(shape) == 3 else None

@@ -15,7 +15,8 @@ import numpy as np
 
 from ..utils import PassionError, progress
 from . import cache as cache_mod
-from .nifti import CaseFiles, discover_cases, load_case
+from .geometry import grid_map, plan_grid, same_spacing
+from .nifti import CaseFiles, discover_cases, load_case, reference_grid
 from .spec import DatasetSpec
 
 CropBox = list[list[int]]
@@ -221,8 +222,10 @@ def unmap_labels(classes: np.ndarray, spec: DatasetSpec) -> np.ndarray:
     return out
 
 
-def prepare_case(files: CaseFiles, cache_dir: str | Path, spec: DatasetSpec, min_size=128) -> dict:
-    """Load, check, preprocess and cache one case; returns its dataset.json entry.
+def prepare_case(files: CaseFiles, cache_dir: str | Path, spec: DatasetSpec, min_size=128,
+                 grid: dict | None = None, strict: bool = False) -> dict:
+    """Load, check, move onto the training `grid` ({"spacing", "orientation"}; None: the case's own),
+    preprocess and cache one case; returns its dataset.json entry.
 
     On any failure the case directory is removed, so the cache never holds a half case.
     """
@@ -230,14 +233,16 @@ def prepare_case(files: CaseFiles, cache_dir: str | Path, spec: DatasetSpec, min
     if stale.exists() and not cache_mod.is_case_complete(cache_dir, files.name):
         shutil.rmtree(stale)  # left by an interrupted run
     try:
-        loaded = load_case(files, spec)
+        loaded = load_case(files, spec, strict=strict)
         if not any(loaded.images[m].any() for m, ok in enumerate(loaded.available) if ok):
             raise PassionError(f"case {files.name}: every modality file is all zeros ({files.directory})")
-        image, box = preprocess_for_spec(loaded.images, loaded.available, spec, min_size)
+        gm = grid_map(loaded.spatial_shape, loaded.affine, (grid or {}).get("spacing"),
+                      (grid or {}).get("orientation"), keep_last_axis=spec.spatial_dims == 2)
+        image, box = preprocess_for_spec(gm.images(loaded.images), loaded.available, spec, min_size)
         label = None
         if loaded.label is not None:
             try:
-                label = crop_pad(remap_labels(loaded.label, spec), box)
+                label = crop_pad(gm.labels(remap_labels(loaded.label, spec), spec.num_classes), box)
             except PassionError as exc:
                 raise PassionError(f"case {files.name}: {files.label}: {exc}") from None
         meta = {
@@ -246,7 +251,10 @@ def prepare_case(files: CaseFiles, cache_dir: str | Path, spec: DatasetSpec, min
             "original_shape": list(loaded.spatial_shape),
             "shape": list(image.shape[1:]),
             "affine": loaded.affine.tolist(),
-            "spacing": loaded.spacing,
+            "spacing": gm.spacing,  # of the cached grid (HD95, post-processing volumes)
+            "orientation": gm.orientation,
+            "grid_shape": list(gm.shape),
+            "grid": grid,
             "crop_box": box,
             "files": loaded.files,
             "has_label": label is not None,
@@ -264,8 +272,33 @@ def _index_entry(meta: dict) -> dict:
     return {"name": meta["name"], "available": [bool(a) for a in meta["available"]], "shape": list(shape)}
 
 
-def _existing_entry(cache_dir: Path, name: str) -> dict:
-    return _index_entry(cache_mod.read_case(cache_dir, name, mmap=True).meta)
+def _existing_entry(cache_dir: Path, name: str, grid: dict | None) -> dict:
+    meta = cache_mod.read_case(cache_dir, name, mmap=True).meta
+    if "grid" in meta and meta["grid"] != grid:  # an interrupted run with other --spacing/--orientation
+        raise PassionError(f"case {name} in {cache_dir} was prepared on the grid {meta['grid']}, not {grid}; "
+                           "use another cache directory")
+    return _index_entry(meta)
+
+
+def _cache_grid(cases: list[CaseFiles], cache_dir: Path, spec: DatasetSpec, spacing, orientation) -> dict | None:
+    """The grid a cache holds or will hold; a cache from before grids were recorded keeps native grids."""
+    if (cache_dir / "dataset.json").is_file():
+        index = cache_mod.read_index(cache_dir)
+        recorded = cache_mod.grid_of(index)
+        if recorded is None:
+            if spacing is not None or orientation:
+                raise PassionError(f"{cache_dir} was prepared on each case's native grid; use another cache "
+                                   "directory for --spacing/--orientation")
+            return None
+        asked = plan_grid([], spacing or recorded["spacing"], orientation or recorded["orientation"])
+        if asked["orientation"] != recorded["orientation"] or not same_spacing(asked["spacing"], recorded["spacing"]):
+            raise PassionError(f"{cache_dir} was prepared at {recorded['spacing']} mm {recorded['orientation']}, "
+                               f"not {asked['spacing']} mm {asked['orientation']}; use another cache directory")
+        return recorded
+    grids = [g for g in (reference_grid(c, spec) for c in cases) if g is not None]
+    if not grids:
+        return None  # every case is unreadable; each fails with its own message
+    return plan_grid(grids, spacing, orientation)
 
 
 def _check_cache_spec(cache_dir: Path, spec: DatasetSpec) -> None:
@@ -282,8 +315,14 @@ def _check_cache_spec(cache_dir: Path, spec: DatasetSpec) -> None:
 
 
 def prepare_dataset(raw_dir: str | Path, cache_dir: str | Path, spec: DatasetSpec, workers: int = 1,
-                    on_error: str = "fail", min_size: int | Sequence[int] = 128, progress: bool = True) -> dict:
+                    on_error: str = "fail", min_size: int | Sequence[int] = 128, progress: bool = True, *,
+                    spacing: Sequence[float] | None = None, orientation: str | None = None,
+                    strict: bool = False) -> dict:
     """Turn a BraTS-layout folder into the training cache; re-running only does the missing cases.
+
+    Every case is brought onto one grid: `orientation` (axis codes; default the most common one) and
+    `spacing` in mm (default the median spacing), both recorded in dataset.json. strict: refuse cases
+    whose modalities lie on different grids instead of resampling them onto the first one.
 
     on_error="fail" stops at the first bad case (finished cases stay, no dataset.json is written);
     "skip" leaves bad cases out, lists them in the summary and in dataset.json under "failed".
@@ -295,19 +334,20 @@ def prepare_dataset(raw_dir: str | Path, cache_dir: str | Path, spec: DatasetSpe
     cache_dir = Path(cache_dir)
     cases = discover_cases(raw_dir, spec)
     _check_cache_spec(cache_dir, spec)
+    grid = _cache_grid(cases, cache_dir, spec, spacing, orientation)
     entries: dict[str, dict] = {}
     todo = []
     for files in cases:
         if cache_mod.is_case_complete(cache_dir, files.name):
-            entries[files.name] = _existing_entry(cache_dir, files.name)
+            entries[files.name] = _existing_entry(cache_dir, files.name, grid)
         else:
             todo.append(files)
-    failed = _run_cases(todo, cache_dir, spec, int(workers), on_error, min_size, progress, entries)
+    failed = _run_cases(todo, cache_dir, spec, int(workers), on_error, min_size, progress, entries, grid, strict)
     ordered = [entries[c.name] for c in cases if c.name in entries]
-    extra = {"raw_dir": str(Path(raw_dir).resolve()), "min_size": min_size, "failed": failed}
+    extra = {"raw_dir": str(Path(raw_dir).resolve()), "min_size": min_size, **(grid or {}), "failed": failed}
     cache_mod.write_index(cache_dir, spec, ordered, extra)
     return {"cache": str(cache_dir), "cases": len(cases), "prepared": len(todo) - len(failed),
-            "already_done": len(cases) - len(todo), "failed": failed, "indexed": len(ordered)}
+            "already_done": len(cases) - len(todo), "failed": failed, "indexed": len(ordered), "grid": grid}
 
 
 def _record_failure(name: str, exc: Exception, on_error: str, failed: list[dict]) -> None:
@@ -318,20 +358,20 @@ def _record_failure(name: str, exc: Exception, on_error: str, failed: list[dict]
 
 
 def _run_cases(todo: list[CaseFiles], cache_dir: Path, spec: DatasetSpec, workers: int, on_error: str,
-               min_size, show: bool, entries: dict[str, dict]) -> list[dict]:
+               min_size, show: bool, entries: dict[str, dict], grid: dict | None, strict: bool) -> list[dict]:
     failed: list[dict] = []
     bar = progress(total=len(todo), desc="prepare", disable=not show or not todo)
     with bar:
         if workers == 1 or len(todo) <= 1:
             for files in todo:
                 try:
-                    entries[files.name] = prepare_case(files, cache_dir, spec, min_size)
+                    entries[files.name] = prepare_case(files, cache_dir, spec, min_size, grid, strict)
                 except Exception as exc:
                     _record_failure(files.name, exc, on_error, failed)
                 bar.update(status=files.name)
             return failed
         with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            pending = {pool.submit(prepare_case, f, cache_dir, spec, min_size): f for f in todo}
+            pending = {pool.submit(prepare_case, f, cache_dir, spec, min_size, grid, strict): f for f in todo}
             try:
                 while pending:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)

@@ -101,11 +101,13 @@ def collect_cases(inputs: Sequence[str | Path], files: Mapping[str, str | Path] 
     return cases
 
 
-def check_geometry(case, spec) -> None:
-    """Cheap header-only check that a case's files agree in shape and affine (before any inference)."""
+def check_geometry(case, spec, strict: bool = False) -> None:
+    """Cheap header-only checks of a case's files before any inference: readable, 3D, a usable affine,
+    and under `strict` one grid for all of them."""
     import nibabel as nib
 
-    from ..data.nifti import AFFINE_ATOL
+    from ..data.geometry import check_affine, same_grid
+    from ..data.nifti import AFFINE_ATOL, grid_mismatch
 
     ref = None
     for modality, path in case.modalities.items():
@@ -119,29 +121,11 @@ def check_geometry(case, spec) -> None:
             shape = shape[:-1]
         if len(shape) != spec.volume_dims:
             raise PassionError(f"case {case.name}: {path} is not a {spec.volume_dims}D volume (shape {shape})")
+        check_affine(img.affine, f"case {case.name}: {path}")
         if ref is None:
             ref = (path, shape, img.affine)
-            continue
-        if shape != ref[1]:
-            raise PassionError(f"case {case.name}: {path} has shape {shape} but {Path(ref[0]).name} has {ref[1]}")
-        if not np.allclose(img.affine, ref[2], atol=AFFINE_ATOL, rtol=0):
-            diff = float(np.abs(img.affine - ref[2]).max())
-            raise PassionError(f"case {case.name}: {path} has an affine differing from {Path(ref[0]).name} "
-                               f"by {diff:.4g} mm (tolerance {AFFINE_ATOL})")
-
-
-def _min_size(ckpt: dict, cfg) -> int | list[int]:
-    """The crop minimum used when the training cache was prepared (else the paper's 128)."""
-    pre = ckpt.get("preprocess") or {}
-    if pre.get("min_size") is not None:
-        return pre["min_size"]
-    try:
-        from ..data.cache import read_index
-
-        index = read_index(cfg.data.cache) if cfg.data.cache else {}
-    except (PassionError, OSError):
-        index = {}
-    return index.get("min_size") or DEFAULT_MIN_SIZE
+        elif strict and not same_grid(shape, img.affine, ref[1], ref[2], AFFINE_ATOL):
+            grid_mismatch(case.name, path, shape, img.affine, ref[0], ref[1], ref[2], AFFINE_ATOL)
 
 
 def evaluation_hint(run_dir: Path, modalities: Sequence[str]) -> str | None:
@@ -177,17 +161,23 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
             files: Mapping[str, str | Path] | None = None, save_probabilities: bool = False,
             device: str | None = None, precision: str | None = None, *, overlap: float | None = None,
             overwrite: bool = False, postprocess: bool = False, progress: bool = True,
-            log: Callable[[str], None] | None = print, overlay: bool = False) -> list[Path]:
+            log: Callable[[str], None] | None = print, overlay: bool = False, strict: bool = False) -> list[Path]:
     """Segment every input case; returns the written paths (labels, then probability maps, then overlay
     figures, as asked).
 
     checkpoint: a checkpoint file or a run dir (its last checkpoint). files: {modality: path}
     for one case given as separate files. postprocess: apply the evaluation's small-ET removal.
+    strict: refuse a case whose files lie on different grids instead of resampling them onto the first.
+
+    Each input is brought into the training orientation and spacing (the checkpoint's "preprocess"
+    record), predicted there, and its probabilities are brought back onto the input's own grid.
     """
+    from ..data.geometry import grid_map
     from ..data.nifti import load_case, write_label_map, write_nifti
     from ..data.preprocess import preprocess_for_spec, unmap_labels
     from ..data.preprocess import uncrop_pad as uncrop
     from ..utils import progress as progress_bar
+    from .checkpoint import preprocess_of
     from .evaluate import _run_dir_of, load_model
     from .inference import (configure_host, inference_precision, predict_subsets, resolve_device,
                             warn_if_slow_precision)
@@ -207,7 +197,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
         raise PassionError(f"overlap must be in [0, 1), got {overlap}")
     cases = collect_cases(inputs, files, spec)
     for case in cases:
-        check_geometry(case, spec)
+        check_geometry(case, spec, strict)
 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -220,7 +210,11 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
         if existing:
             raise PassionError(f"{existing[0]} already exists; pass --overwrite to replace it")
 
-    min_size = _min_size(ckpt, cfg)
+    record = preprocess_of(ckpt)
+    min_size = record["min_size"] or DEFAULT_MIN_SIZE
+    if record["spacing"] is None or not record["orientation"]:
+        say(f"warning: {ckpt_path.name} records no training spacing/orientation (made before they were "
+            "recorded); predicting on each input's own grid")
     run_dir = _run_dir_of(ckpt_path)
     roi = list(cfg.model.patch_size)
     model = model.to(dev)
@@ -232,30 +226,33 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
         with progress_bar(total=len(cases), desc="predict", disable=not progress) as bar:
             for case in cases:
                 bar.set_status(case.name)
-                loaded = load_case(case, spec)
+                loaded = load_case(case, spec, strict=strict, log=say)
+                gm = grid_map(loaded.spatial_shape, loaded.affine, record["spacing"], record["orientation"],
+                              keep_last_axis=spec.spatial_dims == 2)
                 used = [m for m, a in zip(spec.modalities, loaded.available) if a]
                 missing = [m for m, a in zip(spec.modalities, loaded.available) if not a]
                 msg = f"{case.name}: using {', '.join(used)}" + (f" (missing: {', '.join(missing)})" if missing else "")
                 hint = evaluation_hint(run_dir, used)
                 say(msg + (f"; {hint}" if hint else ""))
-                image, box = preprocess_for_spec(loaded.images, loaded.available, spec, min_size)
+                image, box = preprocess_for_spec(gm.images(loaded.images), loaded.available, spec, min_size)
                 probs = predict_subsets(model, image, [loaded.available], roi_size=roi, available=loaded.available,
                                         overlap=overlap, sw_batch_size=int(cfg.eval.sw_batch_size or 1),
                                         device=dev, precision=precision)[0].cpu().numpy()
-                classes = probs.argmax(axis=0).astype(np.uint8)
+                if gm.resampled or save_probabilities:
+                    native_probs = gm.back(_uncrop_probs(probs, box, gm.shape, uncrop))
+                    full = native_probs.argmax(axis=0).astype(np.uint8)
+                else:  # exact: no interpolation anywhere
+                    full = gm.back_labels(uncrop(probs.argmax(axis=0).astype(np.uint8), box, gm.shape, fill=0))
                 if postprocess:
-                    classes = postprocess_classes(classes, spec, loaded.spacing)
-                full = uncrop(classes, box, loaded.spatial_shape, fill=0)
+                    full = postprocess_classes(full, spec, loaded.spacing)
                 labels = unmap_labels(full, spec)
                 dest = tmp / targets[case.name].name
                 write_label_map(dest, labels, loaded.affine, loaded.header)
                 written.append((dest, targets[case.name]))
                 if save_probabilities:
-                    p = uncrop(probs.astype(np.float32), box, loaded.spatial_shape, fill=0.0)
-                    p[0] = uncrop(probs[0].astype(np.float32), box, loaded.spatial_shape, fill=1.0)
                     dest_p = tmp / prob_targets[case.name].name
-                    write_nifti(dest_p, np.ascontiguousarray(np.moveaxis(p, 0, -1)), loaded.affine, loaded.header,
-                                dtype=np.float32)
+                    write_nifti(dest_p, np.ascontiguousarray(np.moveaxis(native_probs, 0, -1)), loaded.affine,
+                                loaded.header, dtype=np.float32)
                     written.append((dest_p, prob_targets[case.name]))
                 if overlay:
                     from ..report.overlay import draw_orthogonal
@@ -280,3 +277,10 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
                                                              if probs_out else "")
         + (f" and {len(pngs_out)} overlay figure(s)" if pngs_out else ""))
     return labels_out + probs_out + pngs_out
+
+
+def _uncrop_probs(probs: np.ndarray, box, shape, uncrop) -> np.ndarray:
+    """Softmax of the crop placed on the whole grid: outside the crop is certain background."""
+    p = uncrop(probs.astype(np.float32), box, shape, fill=0.0)
+    p[0] = uncrop(probs[0].astype(np.float32), box, shape, fill=1.0)
+    return p
