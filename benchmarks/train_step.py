@@ -23,11 +23,27 @@ import subprocess
 import sys
 import time
 
-from models import _peak_mb, _rss_mb, configure, time_steps  # the same probes as the backbone benchmark
+from models import _peak_mb, _rss_mb, configure  # the same probes as the backbone benchmark
+
+
+def timed_steps(step, warmup: int, steps: int, sync=lambda: None) -> tuple[float, list[float]]:
+    """(seconds of the very first step, sorted seconds of the `steps` steps after `warmup` untimed ones).
+
+    The first step (compilation with --compile, cuDNN autotuning on CUDA) is reported on its own.
+    """
+    times = []
+    for _ in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times[0], sorted(times[warmup:])
 
 
 def build_step(name: str, objective: str, size: int, precision: str, device: str = "cpu",
-               available: int = 4, dataset: str = "brats2020", base_width: int = 8):
+               available: int = 4, dataset: str = "brats2020", base_width: int = 8,
+               checkpointing: str = "off", compile: bool = False):
     """A closure running one training step of a freshly built model, and a description of it."""
     import torch
 
@@ -43,6 +59,9 @@ def build_step(name: str, objective: str, size: int, precision: str, device: str
     available = min(available, m)
     model = build_model(name, num_modalities=m, num_classes=spec.num_classes, base_width=base_width,
                         patch_size=(size,) * dims, spatial_dims=dims).to(dev).train()
+    model.set_activation_checkpointing(checkpointing)
+    if compile:
+        model.compile_stages()
     obj = build_objective(objective, ObjectiveConfig(name=objective), num_modalities=m,
                           modality_names=list(spec.modalities), availability_counts=[100] * m,
                           iters_per_epoch=219, setting="idt")
@@ -63,22 +82,25 @@ def build_step(name: str, objective: str, size: int, precision: str, device: str
 
     info = {"model": name, "objective": objective, "precision": precision, "dataset": dataset, "size": size,
             "spatial_dims": dims, "batch": 1, "base_width": base_width, "available_modalities": available,
-            "device": device, "params": sum(p.numel() for p in model.parameters())}
+            "device": device, "params": sum(p.numel() for p in model.parameters()),
+            "activation_checkpointing": checkpointing, "compile": compile}
     return step, info
 
 
 def worker(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
            threads: int | None, available: int = 4, system_malloc: bool = False,
-           dataset: str = "brats2020", base_width: int = 8) -> dict:
+           dataset: str = "brats2020", base_width: int = 8, checkpointing: str = "off",
+           compile: bool = False) -> dict:
     """One CPU configuration (run in its own process): step times and peak RSS."""
     import torch
 
     configure(threads, system_malloc)
-    step, info = build_step(name, objective, size, precision, "cpu", available, dataset, base_width)
+    step, info = build_step(name, objective, size, precision, "cpu", available, dataset, base_width,
+                            checkpointing, compile)
     base = _rss_mb()
-    times = time_steps(step, warmup, steps)
+    first, times = timed_steps(step, warmup, steps)
     return {
-        **info, "system_malloc": system_malloc,
+        **info, "system_malloc": system_malloc, "first_step_s": round(first, 3),
         "steps": steps, "warmup": warmup, "threads": torch.get_num_threads(),
         "step_s_median": round(times[len(times) // 2], 3), "step_s_min": round(times[0], 3),
         "peak_rss_mb": round(_peak_mb(), 1), "peak_delta_mb": round(_peak_mb() - base, 1),
@@ -86,7 +108,8 @@ def worker(name: str, objective: str, size: int, steps: int, warmup: int, precis
 
 
 def cuda_run(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
-             available: int = 4, dataset: str = "brats2020", base_width: int = 8) -> dict:
+             available: int = 4, dataset: str = "brats2020", base_width: int = 8,
+             checkpointing: str = "off", compile: bool = False) -> dict:
     """One CUDA configuration in this process: synchronised step times and peak allocated memory."""
     import torch
 
@@ -95,23 +118,15 @@ def cuda_run(name: str, objective: str, size: int, steps: int, warmup: int, prec
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
-        step, info = build_step(name, objective, size, precision, "cuda", available, dataset, base_width)
+        step, info = build_step(name, objective, size, precision, "cuda", available, dataset, base_width,
+                                checkpointing, compile)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
-        for _ in range(warmup):
-            step()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(steps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        times.sort()
+        first, times = timed_steps(step, warmup, steps, torch.cuda.synchronize)
         peak = torch.cuda.max_memory_allocated()
         return {
             **info, "steps": steps, "warmup": warmup, "gpu": torch.cuda.get_device_name(),
+            "first_step_s": round(first, 3),
             "step_s_median": round(times[len(times) // 2], 4), "step_s_min": round(times[0], 4),
             "peak_cuda_mb": round(peak / 2 ** 20, 1), "peak_cuda_delta_mb": round((peak - base) / 2 ** 20, 1),
             "peak_cuda_reserved_mb": round(torch.cuda.max_memory_reserved() / 2 ** 20, 1),
@@ -126,13 +141,14 @@ def cuda_run(name: str, objective: str, size: int, steps: int, warmup: int, prec
         torch.cuda.empty_cache()
 
 
-def cpu_run(args, name: str, objective: str, size: int, prec: str) -> dict:
+def cpu_run(args, name: str, objective: str, size: int, prec: str, checkpointing: str) -> dict:
     """One CPU configuration in a fresh subprocess (so that ru_maxrss is its own)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--models", name,
            "--objectives", objective, "--precisions", prec, "--size", str(size),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--available", str(args.available), "--dataset", args.dataset,
-           "--base-width", str(args.base_width)] + (["--system-malloc"] if args.system_malloc else [])
+           "--base-width", str(args.base_width), "--activation-checkpointing", checkpointing] + (
+               ["--system-malloc"] if args.system_malloc else []) + (["--compile"] if args.compile else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         return (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
@@ -142,20 +158,31 @@ def cpu_run(args, name: str, objective: str, size: int, prec: str) -> dict:
 
 
 def ratios(results: list[dict]) -> dict:
-    """PASSION's cost relative to the baseline, per model, precision (and size when several)."""
-    sizes = {r.get("size") for r in results}
+    """PASSION's cost relative to the baseline of the same model, precision, size and checkpointing
+    (`time_x`, `peak_*_x`), and its memory relative to the baseline without checkpointing."""
     mem_key = "peak_cuda_mb" if any("peak_cuda_mb" in r for r in results) else "peak_rss_mb"
+    ok = [r for r in results if "step_s_median" in r]
+    varies = {k for k in ("size", "activation_checkpointing") if len({r.get(k) for r in results}) > 1}
     out = {}
-    for r in results:
-        if r["objective"] != "passion" or "step_s_median" not in r:
+
+    def baseline(r, mode):
+        return next((b for b in ok if b["objective"] == "baseline" and b.get("activation_checkpointing") == mode
+                     and all(b.get(k) == r.get(k) for k in ("model", "precision", "size"))), None)
+
+    for r in ok:
+        if r["objective"] != "passion":
             continue
-        base = next((b for b in results if b["objective"] == "baseline" and b["model"] == r["model"]
-                     and b["precision"] == r["precision"] and b.get("size") == r.get("size")
-                     and "step_s_median" in b), None)
-        if base:
-            key = f"{r['model']}/{r['precision']}" + (f"/{r['size']}" if len(sizes) > 1 else "")
-            out[key] = {"time_x": round(r["step_s_median"] / base["step_s_median"], 2),
-                        mem_key.replace("_mb", "_x"): round(r[mem_key] / base[mem_key], 2)}
+        key = "/".join(str(r[k]) for k in ("model", "precision", "size", "activation_checkpointing")
+                       if k in ("model", "precision") or k in varies)
+        entry = {}
+        same, off = baseline(r, r.get("activation_checkpointing")), baseline(r, "off")
+        if same:
+            entry.update(time_x=round(r["step_s_median"] / same["step_s_median"], 2),
+                         **{mem_key.replace("_mb", "_x"): round(r[mem_key] / same[mem_key], 2)})
+        if off and off is not same:
+            entry[mem_key.replace("_mb", "_x_vs_baseline_off")] = round(r[mem_key] / off[mem_key], 2)
+        if entry:
+            out[key] = entry
     return out
 
 
@@ -179,13 +206,17 @@ def main(argv=None) -> int:
                     help="brats2020: 3D, 4 modalities, 4 classes; myops2020: 2D, 3 modalities, 6 classes")
     ap.add_argument("--system-malloc", action="store_true",
                     help="measure with glibc's default allocator behaviour (train.reuse_freed_memory=false)")
+    ap.add_argument("--activation-checkpointing", nargs="+", default=["off"], choices=["off", "decoder", "all"],
+                    help="train.activation_checkpointing mode(s) to measure")
+    ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile the backbone's stages")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sizes = args.sizes or [args.size]
     if args.worker:
         print(json.dumps(worker(args.models[0], args.objectives[0], sizes[0], args.steps, args.warmup,
                                 args.precisions[0], args.threads, args.available, args.system_malloc,
-                                args.dataset, args.base_width)))
+                                args.dataset, args.base_width, args.activation_checkpointing[0],
+                                args.compile)))
         return 0
     if args.device == "cuda":
         import torch
@@ -199,15 +230,16 @@ def main(argv=None) -> int:
     for size in sizes:
         for name in args.models:
             for prec in args.precisions:
-                for objective in args.objectives:
-                    if args.device == "cuda":
-                        res = cuda_run(name, objective, size, args.steps, args.warmup, prec, args.available,
-                                       args.dataset, args.base_width)
-                    else:
-                        res = cpu_run(args, name, objective, size, prec)
-                    res.update(model=name, objective=objective, precision=prec)
-                    results.append(res)
-                    print(json.dumps(res), file=sys.stderr, flush=True)
+                for ckpt in args.activation_checkpointing:
+                    for objective in args.objectives:
+                        if args.device == "cuda":
+                            res = cuda_run(name, objective, size, args.steps, args.warmup, prec, args.available,
+                                           args.dataset, args.base_width, ckpt, args.compile)
+                        else:
+                            res = cpu_run(args, name, objective, size, prec, ckpt)
+                        res.update(model=name, objective=objective, precision=prec, activation_checkpointing=ckpt)
+                        results.append(res)
+                        print(json.dumps(res), file=sys.stderr, flush=True)
     print(json.dumps({"results": results, "passion_vs_baseline": ratios(results)}, indent=2))
     return 0
 

@@ -40,6 +40,7 @@ def parse_yaml(text: str):
 
 SETTINGS = ("idt", "idt_drop", "pdt")
 PRECISIONS = ("fp32", "bf16", "fp16")
+ACTIVATION_CHECKPOINTING = ("off", "decoder", "all")  # models/checkpointing.py
 
 
 @dataclass
@@ -91,6 +92,9 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     reuse_freed_memory: bool = True  # keep freed host memory for reuse (glibc); see engine/runtime.py
+    # recompute activations in backward instead of storing them: off | decoder | all (models/checkpointing.py)
+    activation_checkpointing: str = "off"
+    compile: bool = False  # torch.compile the backbone's encoders, fusion and decoders (models/compile.py)
     seed: int = 1037
     grad_clip: float | None = None
     checkpoint_every_iters: int = 0  # 0: only at epoch ends
@@ -233,6 +237,13 @@ def normalise(cfg: Config) -> Config:
         raise ConfigError(f"data.setting must be one of {', '.join(SETTINGS)}, got {cfg.data.setting!r}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    if t.activation_checkpointing is False:  # YAML 1.1 reads a bare `off` as false
+        t.activation_checkpointing = "off"
+    if t.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise ConfigError(f"train.activation_checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, "
+                          f"got {t.activation_checkpointing!r}")
+    if not isinstance(t.compile, bool):
+        raise ConfigError(f"train.compile must be true or false, got {t.compile!r}")
     if not (isinstance(t.lr, (int, float)) and t.lr > 0):
         raise ConfigError(f"train.lr must be a positive number, got {t.lr!r}")
     if not (isinstance(t.epochs, int) and t.epochs > 0):

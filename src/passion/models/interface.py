@@ -81,6 +81,8 @@ class Backbone(nn.Module, abc.ABC):
     num_modalities: int
     num_classes: int
     spatial_dims: int = 3
+    # module types whose activations train.activation_checkpointing recomputes (models/checkpointing.py)
+    checkpoint_blocks: tuple[type[nn.Module], ...] = ()
 
     @abc.abstractmethod
     def encode(self, x: Tensor, mask: Tensor) -> Features: ...
@@ -115,6 +117,25 @@ class Backbone(nn.Module, abc.ABC):
             return list(encoders[m].parameters())
         raise TypeError(f"{type(self).__name__} does not declare its per-modality encoder parameters; "
                         f"implement modality_parameters(m)")
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """The modules ``encode`` runs (activation checkpointing's "decoder" mode leaves them alone)."""
+        encoders = getattr(self, "encoders", None)
+        if encoders is None:
+            raise TypeError(f"{type(self).__name__} has no `encoders`; implement encoder_modules()")
+        return [encoders]
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """off | decoder | all: recompute the blocks' activations in backward (same values)."""
+        from .checkpointing import set_activation_checkpointing
+
+        set_activation_checkpointing(self, mode)
+
+    def compile_stages(self, **options) -> None:
+        """torch.compile, in place, the submodules that encode / fuse / decode_single call."""
+        from .compile import compile_backbone
+
+        compile_backbone(self, **options)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         mask = mask.to(dtype=torch.bool, device=x.device)

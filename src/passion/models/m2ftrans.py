@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_model
-from .blocks import conv_cls, kaiming_init, pointwise_conv_one_modality, upsample_to
+from .blocks import ConvNormAct, conv_cls, kaiming_init, pointwise_conv_one_modality, upsample_to
 from .interface import Backbone, Features, FusedOutput
 from .rows import Rows
 from .mmformer import (NUM_SCALES, ModalityEncoder, SeparateDecoder, check_config, check_input,
                        decode_available, postnorm_block, run_per_modality)
-from .transformer import PositionEmbedding, Transformer, tokens_to_grid
+from .transformer import PositionEmbedding, Transformer, TransformerBlock, tokens_to_grid
 
 PRM_HIDDEN = 16  # hidden width of the auxiliary heads, fixed in the reference
 
@@ -243,6 +243,8 @@ class M2FTrans(Backbone):
     Options: mlp_dim (default 32 * 16*base_width = 4096 at width 8), num_heads (8), depth (3),
     dropout (0.1), cross_layers (2), cross_expand (4), cross_dropout (0.1).
     """
+
+    checkpoint_blocks = (ConvNormAct, TransformerBlock, CrossBlock)
 
     def __init__(self, num_modalities: int = 4, num_classes: int = 4, base_width: int = 8,
                  patch_size: Sequence[int] = (80, 80, 80), spatial_dims: int = 3, mlp_dim: int | None = None,

@@ -33,7 +33,8 @@ from . import register_model
 from .blocks import ConvNormAct, conv_cls, kaiming_init, norm_cls, pointwise_conv_one_modality, upsample_to
 from .interface import Backbone, Features, FusedOutput
 from .rows import Rows
-from .transformer import PositionEmbedding, Transformer, grid_to_tokens, token_grid, tokens_to_grid
+from .transformer import (PositionEmbedding, Transformer, TransformerBlock, grid_to_tokens, token_grid,
+                          tokens_to_grid)
 
 NUM_SCALES = 5
 
@@ -257,6 +258,8 @@ class MMFormer(Backbone):
     depth (1), dropout (0.1), token_layout ("reference" | "spatial", see ``fuse``).
     """
 
+    checkpoint_blocks = (PreNormConv, TransformerBlock)
+
     def __init__(self, num_modalities: int = 4, num_classes: int = 4, base_width: int = 8,
                  patch_size: Sequence[int] = (80, 80, 80), spatial_dims: int = 3,
                  transformer_dim: int | None = None, mlp_dim: int | None = None, num_heads: int = 8,
@@ -296,6 +299,9 @@ class MMFormer(Backbone):
         """
         return [*self.encoders[m].parameters(), *self.token_convs[m].parameters(),
                 *self.intra_transformers[m].parameters()]
+
+    def encoder_modules(self) -> list[nn.Module]:
+        return [self.encoders, self.token_convs, self.intra_transformers]
 
     def _encode_one(self, m: int, x: Tensor) -> list[Tensor]:
         feats = self.encoders[m](x)

@@ -306,6 +306,8 @@ def _as_tuple(value, dims: int, name: str) -> tuple[int, ...]:
 class RFNet(Backbone):
     """RFNet backbone (see module docstring for the mapping onto the contract)."""
 
+    checkpoint_blocks = (RegionPriorGenerator, RegionAwareFusion, ConvNormAct)
+
     def __init__(self, num_modalities: int = 4, num_classes: int = 4, base_width: int = 8,
                  patch_size=(80, 80, 80), spatial_dims: int = 3):
         super().__init__()

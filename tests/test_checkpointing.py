@@ -1,0 +1,121 @@
+"""train.activation_checkpointing: every backbone, every mode, the same PASSION step (float64),
+less memory saved for backward, unchanged parameter names, and config validation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from passion.config import ConfigError, ObjectiveConfig, load_config
+from passion.method import build_objective
+from passion.models import build_model, list_models
+
+M, C = 3, 3
+TINY = {"rfnet": dict(base_width=4, patch_size=(16, 16, 16)),
+        "mmformer": dict(base_width=4, patch_size=(32, 32, 32)),
+        "m2ftrans": dict(base_width=4, patch_size=(32, 32, 32))}
+pytestmark = pytest.mark.usefixtures("seed_and_one_thread")
+
+
+def tiny(name: str, mode: str):
+    torch.manual_seed(0)
+    cfg = dict(TINY.get(name, dict(base_width=8, patch_size=(32, 32, 32))), num_modalities=M, num_classes=C)
+    model = build_model(name, **cfg).double().train()  # train mode: dropout on, recomputation must replay it
+    model.set_activation_checkpointing(mode)
+    return model, cfg
+
+
+def passion_step(model, cfg, saved: list[int] | None = None):
+    g = torch.Generator().manual_seed(3)
+    batch = {"image": torch.randn(2, M, *cfg["patch_size"], dtype=torch.float64, generator=g),
+             "target": torch.randint(0, C, (2, *cfg["patch_size"]), generator=g),
+             "mask": torch.tensor([[True, False, True], [True, True, True]])}
+    obj = build_objective("passion", ObjectiveConfig(), M, ["a", "b", "c"], [4, 4, 4], 10, "idt")
+
+    def pack(t):  # bytes autograd keeps for backward outside checkpointed blocks
+        if saved is not None:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    torch.manual_seed(7)  # the same dropout draws for every mode
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = obj(model, batch, 0)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_mode_gives_the_same_values_and_gradients(name):
+    results, saved = {}, {}
+    for mode in ("off", "decoder", "all"):
+        model, cfg = tiny(name, mode)
+        saved[mode] = []
+        results[mode] = passion_step(model, cfg, saved[mode])
+    loss_off, grads_off = results["off"]
+    for mode in ("decoder", "all"):
+        loss, grads = results[mode]
+        torch.testing.assert_close(loss, loss_off, rtol=1e-12, atol=0)
+        assert grads.keys() == grads_off.keys()
+        for k in grads:
+            torch.testing.assert_close(grads[k], grads_off[k], rtol=1e-10, atol=1e-14, msg=f"{mode}: {k}")
+    assert sum(saved["all"]) < sum(saved["decoder"]) < 0.7 * sum(saved["off"])
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_modes_wrap_blocks_and_keep_parameter_names(name):
+    model, _ = tiny(name, "off")
+    keys = list(model.state_dict())
+    wrapped = lambda: [m for m in model.modules() if "forward" in m.__dict__]  # noqa: E731
+    assert wrapped() == []
+    model.set_activation_checkpointing("decoder")
+    in_decoder = wrapped()
+    encoder_ids = {id(m) for root in model.encoder_modules() for m in root.modules()}
+    assert in_decoder and not any(id(m) in encoder_ids for m in in_decoder)
+    model.set_activation_checkpointing("all")
+    assert len(wrapped()) > len(in_decoder) and any(id(m) in encoder_ids for m in wrapped())
+    assert list(model.state_dict()) == keys
+    model.set_activation_checkpointing("off")
+    assert wrapped() == []
+    with pytest.raises(ValueError, match="off, decoder, all"):
+        model.set_activation_checkpointing("encoder")
+
+
+def test_no_checkpointing_without_grad():
+    model, cfg = tiny("rfnet", "all")
+    x = torch.randn(1, M, *cfg["patch_size"], dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x, torch.ones(1, M, dtype=torch.bool))
+    assert out.shape[1] == C
+
+
+def test_config_values():
+    assert load_config(overrides=["train.activation_checkpointing=off"]).train.activation_checkpointing == "off"
+    assert load_config(overrides=["train.activation_checkpointing=all"]).train.activation_checkpointing == "all"
+    assert load_config().train.activation_checkpointing == "off" and load_config().train.compile is False
+    with pytest.raises(ConfigError, match="train.activation_checkpointing must be one of off, decoder, all"):
+        load_config(overrides=["train.activation_checkpointing=encoder"])
+    with pytest.raises(ConfigError, match="train.activation_checkpointing"):
+        load_config(overrides=["train.activation_checkpointing=on"])
+    with pytest.raises(ConfigError, match="train.compile must be true or false"):
+        load_config(overrides=["train.compile=maybe"])
+
+
+def test_trainer_passes_the_option(tiny_data, tmp_path, monkeypatch):
+    """The trainer builds the backbone with the configured mode; losses are the off run's."""
+    from training_helpers import safe_records, tiny_overrides
+
+    from passion.engine.trainer import train
+    from passion.models import Backbone
+
+    modes, original = [], Backbone.set_activation_checkpointing
+    monkeypatch.setattr(Backbone, "set_activation_checkpointing",
+                        lambda self, mode: (modes.append(mode), original(self, mode))[1])
+    losses = {}
+    for mode in ("off", "all"):
+        run = tmp_path / mode
+        train(load_config(None, tiny_overrides(tiny_data, run, **{
+            "train.epochs": 1, "train.iters_per_epoch": 2, "train.val_cases": 0,
+            "train.activation_checkpointing": mode})))
+        losses[mode] = [r["loss"] for r in safe_records(run) if r.get("type") == "iter"]
+    assert modes == ["off", "all"] and len(losses["off"]) == 2
+    assert losses["all"] == pytest.approx(losses["off"], rel=1e-5)
