@@ -54,10 +54,16 @@ def _show(table: Path, dataset: str | None, missing_rates: str | None, as_json: 
     rows = S.read_missing_csv(table, spec)
     nominal = S.parse_missing_rates(missing_rates, spec) if missing_rates else _known_nominal(table, spec)
     desc = S.describe_split(rows, spec, nominal)
+    _warn(S.rate_warnings(desc))
     if as_json:
         typer.echo(json.dumps(desc))
     else:
         _print_human(desc, table.name)
+
+
+def _warn(lines: list[str]) -> None:
+    for line in lines:
+        typer.secho(f"warning: {line}", fg="yellow", err=True)
 
 
 def _known_nominal(table: Path, spec: DatasetSpec) -> list[float] | None:
@@ -85,7 +91,8 @@ def split_command(
     cases_from: Optional[Path] = typer.Option(
         None, "--cases-from", help="Make the table for this list of training cases (one per line) instead of a cache."),
     show: Optional[Path] = typer.Option(None, "--show", help="Describe an existing missing-modality CSV."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset preset when there is no cache (default brats2020)."),
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset", help="Preset or description file when there is no cache (default brats2020)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing split files."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
@@ -105,7 +112,7 @@ def split_command(
         from ..data.cache import read_spec
 
         spec = read_spec(cache)
-        if dataset is not None and dataset.lower() != spec.name:
+        if dataset is not None and _spec_for(dataset).name != spec.name:
             raise PassionError(f"{cache} holds dataset {spec.name}, not {dataset}")
         source: Path | list[str] = cache
         val = 0.1 if val is None else val
@@ -120,6 +127,7 @@ def split_command(
     rates = S.parse_missing_rates(missing_rates, spec)
     info = S.make_split(source, out, val=val, test=test, seed=seed, missing_rates=rates, force=force, spec=spec)
     desc = info["train_missing"]
+    _warn(info["warnings"])
     if as_json:
         typer.echo(json.dumps({**desc, "out": str(out), "counts": info["counts"], "seed": seed}))
     else:

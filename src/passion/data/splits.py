@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..utils import PassionError, atomic_path, atomic_write_json, atomic_write_text
+from .missing_rates import (  # noqa: F401  (re-exported: the split API in one place)
+    allocate_masks, check_missing_rates, describe_split, nominal_from_reference_name, parse_missing_rates,
+    rate_warnings, subset_counts_nominal, uses_reference_allocation)
 from .spec import DatasetSpec, Mask, get_spec
 
 CSV_HEADER = ["data_name", "mask_id", "mask", "pos_mask_ids"]
@@ -83,54 +85,17 @@ def train_val_test_split(case_names: Sequence[str], val: float, test: float,
     return train_names, val_names, test_names
 
 
-def check_missing_rates(missing_rates: Sequence[float], spec: DatasetSpec) -> list[float]:
-    rates = [float(r) for r in missing_rates]
-    if len(rates) != spec.num_modalities:
-        raise PassionError(f"need {spec.num_modalities} missing rates ({', '.join(spec.modalities)}), got {len(rates)}")
-    for mod, r in zip(spec.modalities, rates):
-        if not (0.0 <= r < 1.0) or math.isnan(r):
-            raise PassionError(f"missing rate for {mod} must be in [0, 1), got {r}")
-    return rates
-
-
-def subset_counts_nominal(n: int, rates: Sequence[float], spec: DatasetSpec) -> list[int]:
-    """count(S) = max(1, floor(N * P(S))) per subset in the reference order.
-
-    A subset with probability exactly zero (a modality with missing rate 0 absent) gets no
-    case: forcing one would contradict the user's nominal rate.
-    """
-    counts = []
-    for sub in spec.subsets():
-        prob = 1.0
-        for on, r in zip(sub, rates):
-            prob *= (1.0 - r) if on else r
-        counts.append(0 if prob == 0.0 else max(1, math.floor(n * prob)))
-    return counts
-
-
-def _draw_nonempty(rng: np.random.Generator, rates: Sequence[float]) -> Mask:
-    """The all-missing cell is re-drawn i.i.d. per modality until something is present."""
-    keep = 1.0 - np.asarray(rates)
-    while True:
-        mask = tuple(bool(v) for v in rng.random(len(rates)) < keep)
-        if any(mask):
-            return mask
-
-
 def imbalanced_missing_split(case_names: Sequence[str], missing_rates: Sequence[float], seed: int,
                              spec: DatasetSpec,
                              genuinely_available: Mapping[str, Sequence[bool]] | None = None) -> list[MissingRow]:
-    """Assign every training case a fixed modality subset with the given missing rates."""
+    """Assign every training case a fixed modality subset with the given missing rates
+    (missing_rates.allocate_masks: the reference allocation, or largest remainder for few cases)."""
     names = list(case_names)
     if not names:
         raise PassionError("no training cases to assign missing modalities to")
     rates = check_missing_rates(missing_rates, spec)
     rng = np.random.default_rng(seed)
-    masks: list[Mask] = []
-    for sub, count in zip(spec.subsets(), subset_counts_nominal(len(names), rates, spec)):
-        masks.extend([sub] * min(count, len(names) - len(masks)))
-    while len(masks) < len(names):
-        masks.append(_draw_nonempty(rng, rates))
+    masks = allocate_masks(len(names), rates, spec, rng)
     order = rng.permutation(len(names))
     rows = []
     for name, k in zip(names, order):
@@ -294,69 +259,6 @@ def _case_list_text(names: Sequence[str]) -> str:
     return "".join(f"{n}\n" for n in names)
 
 
-# --------------------------------------------------------------------------- description
-
-def describe_split(rows: Sequence[MissingRow], spec: DatasetSpec,
-                   nominal: Sequence[float] | None = None) -> dict:
-    """Realised (and nominal, when known) missing rates and subset counts of a table."""
-    n = len(rows)
-    present = {m: sum(r.mask[i] for r in rows) for i, m in enumerate(spec.modalities)}
-    counts = {spec.subset_name(s): 0 for s in spec.subsets()}
-    for r in rows:
-        counts[spec.subset_name(r.mask)] += 1
-    desc = {
-        "cases": n,
-        "dataset": spec.name,
-        "modalities": list(spec.modalities),
-        "present": present,
-        "missing": {m: n - c for m, c in present.items()},
-        "missing_rate": {m: (n - c) / n if n else 0.0 for m, c in present.items()},
-        "subset_counts": counts,
-        "subset_ids": {spec.subset_name(s): i for i, s in enumerate(spec.subsets())},
-        "complete_cases": sum(all(r.mask) for r in rows),
-    }
-    if nominal is not None:
-        desc["nominal_missing_rate"] = {m: float(r) for m, r in zip(spec.modalities, nominal)}
-    return desc
-
-
-def nominal_from_reference_name(path: str | Path, spec: DatasetSpec) -> list[float] | None:
-    """Reference files encode nominal rates x10% as `mrABCD` for [T1, T1ce, FLAIR, T2]."""
-    match = re.search(r"_mr(\d{4})(?:\D|$)", Path(path).name)
-    if not match or tuple(spec.modalities) != ("flair", "t1ce", "t1", "t2"):
-        return None
-    t1, t1ce, flair, t2 = (int(c) / 10 for c in match.group(1))
-    return [flair, t1ce, t1, t2]
-
-
-def parse_missing_rates(text: str | None, spec: DatasetSpec) -> list[float]:
-    """'flair=0.6,t1ce=0.4' -> rates in spec order; unlisted modalities are never dropped (0)."""
-    rates = [0.0] * spec.num_modalities
-    if text is None or not text.strip():
-        return rates
-    seen: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        key, sep, value = part.partition("=")
-        if not sep:
-            raise PassionError(f"--missing-rates: {part!r} is not modality=rate")
-        try:
-            idx = spec.modality_index(key.strip())
-        except ValueError as exc:
-            raise PassionError(f"--missing-rates: {exc}") from None
-        if idx in seen:
-            raise PassionError(f"--missing-rates: {key.strip()} given twice")
-        seen.add(idx)
-        try:
-            rates[idx] = float(value.strip())
-        except ValueError:
-            raise PassionError(f"--missing-rates: {value.strip()!r} for {key.strip()} is not a number") from None
-    check_missing_rates(rates, spec)
-    return rates
-
-
 # --------------------------------------------------------------------------- make / load
 
 def _cases_from_cache(cache: Path) -> tuple[DatasetSpec, list[str], dict[str, list[bool]]]:
@@ -417,7 +319,9 @@ def make_split(cache_or_cases: str | Path | Sequence[str], out_dir: str | Path, 
         "spec": spec.to_dict(),
         "nominal_missing_rate": {m: r for m, r in zip(spec.modalities, rates)},
         "train_missing": describe_split(rows, spec, rates),
+        "allocation": "reference" if uses_reference_allocation(len(train), spec) else "largest_remainder",
     }
+    info["warnings"] = rate_warnings(info["train_missing"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "train.txt", _case_list_text(train))
     atomic_write_text(out / "val.txt", _case_list_text(val_names))
