@@ -53,21 +53,29 @@ def synth(
         None, "--shape", help="volume size D H W (myops2020: H W S, slices last); default 96^3 or 256x256x8"),
     seed: int = typer.Option(0, "--seed", help="random seed; the same seed gives the same phantoms"),
     drop_rates: str = typer.Option("", "--drop-rates", help="omit modality files, e.g. flair=0.6,t1ce=0.4"),
-    dataset: str = typer.Option("brats2020", "--dataset", help="dataset preset (file suffixes, labels)"),
+    dataset: str = typer.Option("brats2020", "--dataset",
+                                help="dataset preset or description file (.yaml/.json: modalities, labels, regions)"),
+    layout: str = typer.Option("brats", "--layout", help="brats (<case>/<case>_<suffix>.nii.gz), nnunet (v2 raw) "
+                                                          "or msd (4D images); 3D datasets"),
     workers: int = typer.Option(0, "--workers", help="processes (0: all cores)"),
     force: bool = typer.Option(False, "--force", help="write into a non-empty folder"),
 ) -> None:
     """Synthesise BraTS-like phantoms on real (MNI152) anatomy, or MyoPS-like cardiac phantoms."""
     spec = _spec(dataset)
+    extra = {}
     if spec.spatial_dims == 2:
+        if layout != "brats":
+            raise PassionError(f"--layout {layout}: 2D phantoms are written in the brats layout only")
         from ..data.synthetic_myops import synthesize_dataset
     else:
         from ..data.synthetic import synthesize_dataset
+
+        extra["layout"] = layout
     shape = tuple(shape) if shape else ((256, 256, 8) if spec.spatial_dims == 2 else (96, 96, 96))
     rates = parse_rates(drop_rates, spec.modalities)
     if workers < 0:
         raise PassionError(f"--workers must be 0 (all cores) or more, not {workers}")
-    summary = synthesize_dataset(out, cases, shape, seed, rates, spec, workers or None, force)
+    summary = synthesize_dataset(out, cases, shape, seed, rates, spec, workers or None, force, **extra)
     files = sum(sum(c["available"]) + 1 for c in summary["case_info"])
     missing = {m: sum(not c["available"][i] for c in summary["case_info"]) for i, m in enumerate(spec.modalities)}
     typer.echo(f"wrote {cases} cases ({files} NIfTI files) of {'x'.join(map(str, shape))} to {out}")
@@ -77,9 +85,13 @@ def synth(
 
 @app.command()
 def prepare(
-    raw: Path = typer.Argument(..., help="BraTS-layout folder: RAW/<case>/<case>_<modality>.nii.gz"),
+    raw: Path = typer.Argument(..., help="raw folder: BraTS (RAW/<case>/<case>_<modality>.nii.gz), nnU-Net v2 "
+                                         "raw dataset or MSD task (detected from the folder)"),
     cache: Path = typer.Argument(..., help="output cache folder"),
-    dataset: str = typer.Option("brats2020", "--dataset", help="dataset preset"),
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset", help="preset or description file (.yaml/.json); default: the preset whose names the "
+                                "folder's files or dataset.json fit (brats2020 for BraTS folders), else "
+                                "dataset.json's own modalities and labels"),
     workers: int = typer.Option(1, "--workers", help="processes"),
     on_error: str = typer.Option("fail", "--on-error", help="fail: stop at the first bad case; skip: leave it out"),
     min_size: int = typer.Option(128, "--min-size", help="minimum crop size per axis (paper: 128)"),
@@ -100,10 +112,11 @@ def prepare(
         raise PassionError(f"--on-error must be 'fail' or 'skip', not {on_error!r}")
     if min_size < 1:
         raise PassionError(f"--min-size must be positive, not {min_size}")
-    spec = _spec(dataset)
+    spec = _spec(dataset) if dataset else None
     if crop_size is not None:
-        if not spec.crop_size:
-            raise PassionError(f"--crop-size applies to centre-cropped datasets (e.g. myops2020), not {spec.name}")
+        if spec is None or not spec.crop_size:
+            raise PassionError("--crop-size applies to centre-cropped datasets (e.g. --dataset myops2020), "
+                               f"not {spec.name if spec else 'the default dataset'}")
         if crop_size < 16:
             raise PassionError(f"--crop-size must be at least 16, not {crop_size}")
         from dataclasses import replace
@@ -112,6 +125,9 @@ def prepare(
     summary = prepare_dataset(raw, cache, spec, workers, on_error, min_size, progress=not quiet,
                               spacing=list(spacing) if spacing else None, orientation=orientation, strict=strict)
     grid = summary.get("grid")
+    if summary["layout"] != "brats":
+        channels = ", ".join(f"{k}->{v}" for k, v in summary["mapping"]["channels"].items())
+        typer.echo(f"{summary['layout']} dataset read as {summary['dataset']} (channels {channels})")
     typer.echo(f"{summary['indexed']} of {summary['cases']} cases in {cache} "
                f"({summary['prepared']} prepared, {summary['already_done']} already done, "
                f"{len(summary['failed'])} failed)"

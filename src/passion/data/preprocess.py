@@ -15,8 +15,9 @@ import numpy as np
 
 from ..utils import PassionError, progress
 from . import cache as cache_mod
+from . import layouts
 from .geometry import grid_map, plan_grid, same_spacing
-from .nifti import CaseFiles, discover_cases, load_case, reference_grid
+from .nifti import CaseFiles
 from .spec import DatasetSpec
 
 CropBox = list[list[int]]
@@ -233,7 +234,7 @@ def prepare_case(files: CaseFiles, cache_dir: str | Path, spec: DatasetSpec, min
     if stale.exists() and not cache_mod.is_case_complete(cache_dir, files.name):
         shutil.rmtree(stale)  # left by an interrupted run
     try:
-        loaded = load_case(files, spec, strict=strict)
+        loaded = layouts.load_case(files, spec, strict=strict)
         if not any(loaded.images[m].any() for m, ok in enumerate(loaded.available) if ok):
             raise PassionError(f"case {files.name}: every modality file is all zeros ({files.directory})")
         gm = grid_map(loaded.spatial_shape, loaded.affine, (grid or {}).get("spacing"),
@@ -295,7 +296,7 @@ def _cache_grid(cases: list[CaseFiles], cache_dir: Path, spec: DatasetSpec, spac
             raise PassionError(f"{cache_dir} was prepared at {recorded['spacing']} mm {recorded['orientation']}, "
                                f"not {asked['spacing']} mm {asked['orientation']}; use another cache directory")
         return recorded
-    grids = [g for g in (reference_grid(c, spec) for c in cases) if g is not None]
+    grids = [g for g in (layouts.reference_grid(c, spec) for c in cases) if g is not None]
     if not grids:
         return None  # every case is unreadable; each fails with its own message
     return plan_grid(grids, spacing, orientation)
@@ -314,11 +315,12 @@ def _check_cache_spec(cache_dir: Path, spec: DatasetSpec) -> None:
                                f"{list(spec.crop_size or []) or None}; use another cache directory")
 
 
-def prepare_dataset(raw_dir: str | Path, cache_dir: str | Path, spec: DatasetSpec, workers: int = 1,
+def prepare_dataset(raw_dir: str | Path, cache_dir: str | Path, spec: DatasetSpec | None, workers: int = 1,
                     on_error: str = "fail", min_size: int | Sequence[int] = 128, progress: bool = True, *,
                     spacing: Sequence[float] | None = None, orientation: str | None = None,
                     strict: bool = False) -> dict:
-    """Turn a BraTS-layout folder into the training cache; re-running only does the missing cases.
+    """Turn a raw folder (BraTS, nnU-Net v2 or MSD layout: data/layouts.py; spec None: the preset its
+    names fit, else the dataset's own) into the training cache; re-running only does the missing cases.
 
     Every case is brought onto one grid: `orientation` (axis codes; default the most common one) and
     `spacing` in mm (default the median spacing), both recorded in dataset.json. strict: refuse cases
@@ -332,7 +334,8 @@ def prepare_dataset(raw_dir: str | Path, cache_dir: str | Path, spec: DatasetSpe
     if int(workers) < 1:
         raise PassionError(f"workers must be at least 1, not {workers}")
     cache_dir = Path(cache_dir)
-    cases = discover_cases(raw_dir, spec)
+    raw = layouts.open_raw(raw_dir, spec)  # spec None: what the folder's layout says
+    spec, cases = raw.spec, raw.cases
     _check_cache_spec(cache_dir, spec)
     grid = _cache_grid(cases, cache_dir, spec, spacing, orientation)
     entries: dict[str, dict] = {}
@@ -344,9 +347,11 @@ def prepare_dataset(raw_dir: str | Path, cache_dir: str | Path, spec: DatasetSpe
             todo.append(files)
     failed = _run_cases(todo, cache_dir, spec, int(workers), on_error, min_size, progress, entries, grid, strict)
     ordered = [entries[c.name] for c in cases if c.name in entries]
-    extra = {"raw_dir": str(Path(raw_dir).resolve()), "min_size": min_size, **(grid or {}), "failed": failed}
+    extra = {"raw_dir": str(Path(raw_dir).resolve()), "layout": raw.layout, "min_size": min_size, **(grid or {}),
+             "failed": failed}
     cache_mod.write_index(cache_dir, spec, ordered, extra)
-    return {"cache": str(cache_dir), "cases": len(cases), "prepared": len(todo) - len(failed),
+    return {"cache": str(cache_dir), "layout": raw.layout, "dataset": spec.name, "mapping": raw.mapping,
+            "cases": len(cases), "prepared": len(todo) - len(failed),
             "already_done": len(cases) - len(todo), "failed": failed, "indexed": len(ordered), "grid": grid}
 
 
