@@ -8,10 +8,7 @@ A checkpoint is a plain dict of tensors and JSON-like values, so it loads with
      "model": state_dict, "epoch": int (epochs completed), "iteration": int (global step),
      "optimizer": ..., "scheduler": ..., "objective": ..., "rng": ..., "scaler": ...,
      "best": {"val_score": float, "epoch": int (0-based, as in metrics.jsonl), "step": int} or None,
-     "preprocess": {"min_size", "spacing": [mm x3] or None, "orientation": "LPS" or None}}
-
-"preprocess" is the training cache's grid and crop (data/cache.py preprocess_record), which `predict`
-repeats; checkpoints without it fall back to the config's cache, then to each input's native grid.
+     "epoch_means": running sums of the epoch in progress (engine/epoch_means.py)}
 
 `last.pt` is the newest state; `best.pt` the state with the highest validation score so far.
 """
@@ -19,6 +16,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -58,20 +56,14 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def preprocess_of(ckpt: dict) -> dict:
-    """The preprocessing record of a checkpoint, else of its config's cache (older checkpoints);
-    keys the record lacks are None."""
-    from ..data.cache import preprocess_record, read_index
-
-    record = dict(ckpt.get("preprocess") or {})
-    if not record:
-        cache = (ckpt.get("config") or {}).get("data", {}).get("cache")
-        try:
-            record = preprocess_record(read_index(cache)) if cache else {}
-        except (PassionError, OSError):
-            record = {}
-    return {"min_size": record.get("min_size"), "spacing": record.get("spacing"),
-            "orientation": record.get("orientation")}
+def discard_previous_run(run_dir: str | Path) -> None:
+    """`train --force`: remove what an earlier run left (checkpoints, evaluations of its model,
+    TensorBoard events, log), so that no best.pt or epoch_N.pt of the old model passes for the new one."""
+    run_dir = Path(run_dir)
+    for name in ("checkpoints", "eval", "tensorboard"):
+        if (run_dir / name).is_dir():
+            shutil.rmtree(run_dir / name)
+    (run_dir / "train.log").unlink(missing_ok=True)
 
 
 def resolve_checkpoint(run_or_ckpt: str | Path, which: str = "last") -> Path:

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, save_config
-from ..data.cache import preprocess_record, read_index, read_spec
+from ..data.cache import read_index, read_spec
 from ..data.spec import DatasetSpec
 from ..utils import PassionError, atomic_write_text, progress
-from .checkpoint import (build_model_for, load_checkpoint, restore_rng_state, rng_state, save_checkpoint,
-                         seed_everything)
+from .checkpoint import (build_model_for, discard_previous_run, load_checkpoint, restore_rng_state, rng_state,
+                         save_checkpoint, seed_everything)
+from .epoch_means import EpochMeans
 from .validation import is_better, is_validation_epoch
 from .runtime import autocast, configure_host, resolve_device, warn_if_slow_precision
 from .distributed import DistContext, init_distributed, shutdown
@@ -32,9 +33,6 @@ log = logging.getLogger("passion.train")
 
 # Config sections that define what a checkpoint *is*; resuming with any of them changed is refused.
 _IDENTITY_KEYS = ("data", "model", "objective")
-# Bookkeeping fields of an iteration record that make no sense averaged over an epoch.
-_NOT_AVERAGED = {"type", "epoch", "iteration", "step", "lr", "seconds", "samples_per_s", "beta",
-                 "relative_preference", "gate", "weight"}
 
 
 def poly_lr(base_lr: float, epoch: int, epochs: int, power: float) -> float:
@@ -68,6 +66,7 @@ class Trainer:
         self.state = TrainState()
         self.best: dict | None = None  # {"val_score", "epoch" (0-based), "step"} of best.pt
         self.last_val = ""  # progress-bar text of the latest validation
+        self.epoch_means = EpochMeans()
         if resume:
             self._resume()
         elif self.dist.is_main:
@@ -87,6 +86,8 @@ class Trainer:
             raise PassionError(
                 f"{self.run_dir} already holds a training run; use --resume {self.run_dir} to continue it "
                 f"or --force to start over")
+        elif force and self.dist.is_main:
+            discard_previous_run(self.run_dir)
 
     def _setup_data(self) -> None:
         from ..data.datasets import TrainDataset, availability_counts
@@ -99,7 +100,6 @@ class Trainer:
             raise ConfigError("data.split is not set (a folder made by `passion split`)")
         self.spec: DatasetSpec = read_spec(cfg.data.cache)
         index = read_index(cfg.data.cache)
-        self.preprocess = preprocess_record(index)  # predict repeats it (min_size, spacing, orientation)
         shapes = {c["name"]: c.get("shape") for c in index["cases"]}
         split = load_split(cfg.data.split)
         self.train_cases = list(split.train)
@@ -184,9 +184,6 @@ class Trainer:
             self.model = build_model_for(cfg, self.spec).to(self.device)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-        if cfg.train.compile:
-            self.model.compile_stages()
         try:
             self.objective = build_objective(
                 cfg.objective.name, cfg.objective, num_modalities=self.spec.num_modalities,
@@ -225,7 +222,7 @@ class Trainer:
             "step": self.state.step,
             "world_size": self.dist.world_size,
             "best": self.best,
-            "preprocess": self.preprocess,
+            "epoch_means": self.epoch_means.state_dict(),
         }
 
     def save(self, name: str) -> None:
@@ -253,6 +250,7 @@ class Trainer:
         restore_rng_state(ckpt["rng"])
         self.state = TrainState(epoch=ckpt["epoch"], iteration=ckpt["iteration"], step=ckpt["step"])
         self.best = ckpt.get("best")
+        self.epoch_means.load_state_dict(ckpt.get("epoch_means") or EpochMeans().state_dict())
         if self.dist.is_main:
             self._truncate_metrics()
             log.info("resumed from epoch %d iteration %d", self.state.epoch, self.state.iteration)
@@ -390,6 +388,7 @@ class Trainer:
                   "loss": float(loss.detach()), "lr": lr, "seconds": elapsed,
                   "samples_per_s": batch["image"].shape[0] * self.dist.world_size / max(elapsed, 1e-9)}
         record.update(stats)
+        self.epoch_means.add(record)
         if self.state.step % max(1, t.log_every) == 0 or self.state.iteration == self.iters_per_epoch:
             self._write_metrics(record)
         return record
@@ -398,7 +397,8 @@ class Trainer:
         stats = self.objective.end_epoch(epoch) or {}
         record = {"type": "epoch", "epoch": epoch, "step": self.state.step, "lr": lr}
         record.update(stats)
-        record.update(self._epoch_loss_means(epoch))
+        record.update(self.epoch_means.means())
+        self.epoch_means.reset()
         val = self._validate(epoch, bar)
         record.update(val)
         self._write_metrics(record)
@@ -438,27 +438,6 @@ class Trainer:
             log.info("epoch %d validation on %d cases: score %s, mean Dice over subsets %s, full subset %s",
                      epoch, result["val_cases"], result["val_score"], mean, result["val_dice"]["full"])
         return result
-
-    def _epoch_loss_means(self, epoch: int) -> dict:
-        """Epoch means of the per-iteration losses (scalars and per-modality objects), read back
-        from metrics.jsonl so that they survive a resume in the middle of the epoch."""
-        if not self.dist.is_main:
-            return {}
-        recs = [r for r in map(json.loads, (self.run_dir / "metrics.jsonl").read_text().splitlines())
-                if r.get("type") == "iter" and r["epoch"] == epoch]
-        if not recs:
-            return {}
-        means: dict = {}
-        for key in recs[0]:
-            if key in _NOT_AVERAGED:
-                continue
-            vals = [r[key] for r in recs if key in r]
-            if all(isinstance(v, (int, float)) for v in vals):
-                means[f"mean_{key}"] = sum(vals) / len(vals)
-            elif all(isinstance(v, dict) for v in vals):
-                mods = vals[0].keys()
-                means[f"mean_{key}"] = {m: sum(v[m] for v in vals) / len(vals) for m in mods}
-        return means
 
     def close(self) -> None:
         shutdown(self.dist)
