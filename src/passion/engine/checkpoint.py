@@ -8,7 +8,11 @@ A checkpoint is a plain dict of tensors and JSON-like values, so it loads with
      "model": state_dict, "epoch": int (epochs completed), "iteration": int (global step),
      "optimizer": ..., "scheduler": ..., "objective": ..., "rng": ..., "scaler": ...,
      "best": {"val_score": float, "epoch": int (0-based, as in metrics.jsonl), "step": int} or None,
+     "preprocess": {"min_size", "spacing": [mm x3] or None, "orientation": "LPS" or None},
      "epoch_means": running sums of the epoch in progress (engine/epoch_means.py)}
+
+"preprocess" is the training cache's grid and crop (data/cache.py preprocess_record), which `predict`
+repeats; checkpoints without it fall back to the config's cache, then to each input's native grid.
 
 `last.pt` is the newest state; `best.pt` the state with the highest validation score so far.
 """
@@ -54,6 +58,22 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise PassionError(f"{path}: not a passion checkpoint (no '{FORMAT}' marker)")
     return ckpt
+
+
+def preprocess_of(ckpt: dict) -> dict:
+    """The preprocessing record of a checkpoint, else of its config's cache (older checkpoints);
+    keys the record lacks are None."""
+    from ..data.cache import preprocess_record, read_index
+
+    record = dict(ckpt.get("preprocess") or {})
+    if not record:
+        cache = (ckpt.get("config") or {}).get("data", {}).get("cache")
+        try:
+            record = preprocess_record(read_index(cache)) if cache else {}
+        except (PassionError, OSError):
+            record = {}
+    return {"min_size": record.get("min_size"), "spacing": record.get("spacing"),
+            "orientation": record.get("orientation")}
 
 
 def discard_previous_run(run_dir: str | Path) -> None:
