@@ -37,9 +37,9 @@ from torch import Tensor, nn
 from . import register_model
 from .blocks import ConvNormAct, conv_cls, kaiming_init, pointwise_conv_one_modality, upsample_to
 from .interface import Backbone, Features, FusedOutput
-from .rows import Rows
 from .mmformer import (NUM_SCALES, ModalityEncoder, SeparateDecoder, check_config, check_input,
                        decode_available, postnorm_block, run_per_modality)
+from .rows import Rows
 from .transformer import PositionEmbedding, Transformer, TransformerBlock, tokens_to_grid
 
 PRM_HIDDEN = 16  # hidden width of the auxiliary heads, fixed in the reference
