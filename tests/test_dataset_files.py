@@ -43,7 +43,8 @@ def test_presets_are_shipped_description_files(tmp_path):
 
 def test_spec_saved_before_aliases_gets_its_presets():
     d = get_spec("brats2020").to_dict()
-    d.pop("modality_aliases"), d.pop("class_aliases")
+    for key in ("modality_aliases", "class_aliases", "region_aliases"):
+        d.pop(key)
     assert DatasetSpec.from_dict(d).match_modality("t2f") == 0
 
 

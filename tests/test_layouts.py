@@ -78,8 +78,7 @@ def test_every_layout_prepares_into_the_same_cache(written, tmp_path):
 def test_msd_regions_mean_what_they_mean_in_brats(written):
     raw = layouts.open_raw(written[("msd", "brats2020")])
     assert raw.layout == "msd" and raw.spec.name == "brats2020"
-    assert raw.mapping["labels"] == {"background": "background", "edema": "edema",
-                                     "non-enhancing tumor": "necrotic_core", "enhancing tumour": "enhancing"}
+    assert raw.mapping["labels"] == {0: "background", 1: "edema", 2: "necrotic_core", 3: "enhancing"}
     assert raw.mapping["channels"] == {"FLAIR": "flair", "T1w": "t1", "t1gd": "t1ce", "T2w": "t2"}
     assert raw.cases[0].label_values == {0: 0, 1: 2, 2: 1, 3: 4}  # file value -> BraTS 2020 value
 
@@ -135,6 +134,20 @@ def test_nnunet_region_labels_become_regions_of_several_classes(tmp_path):
     spec = layouts.open_raw(raw).spec
     assert spec.class_names == ("background", "label_1", "label_2", "enhancing tumor")
     assert spec.regions == {"whole tumor": (1, 2, 3), "tumor core": (2, 3), "enhancing tumor": (3,)}
+
+
+def test_nnunet_region_based_brats_labels_map_onto_brats_classes(tmp_path):
+    """nnU-Net's own BraTS conversion: channels T1, T1ce, T2, Flair; labels 1 edema, 2 necrosis, 3 enhancing
+    given as regions; each value is the BraTS class lying in exactly the same regions."""
+    labels = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}
+    raw = _nnunet(tmp_path / "raw", channels=("T1", "T1ce", "T2", "Flair"), labels=labels, label_values=(0, 1, 2, 3))
+    opened = layouts.open_raw(raw)
+    assert opened.spec.name == "brats2020"
+    assert opened.mapping["labels"] == {0: "background", 1: "edema", 2: "necrotic_core", 3: "enhancing"}
+    prepare_dataset(raw, tmp_path / "cache", None, min_size=8, progress=False)
+    label = np.load(tmp_path / "cache" / "cases" / "a" / "label.npy")
+    assert [int((label == c).sum()) for c in range(4)] == [464, 16, 16, 16]  # necrosis row 2 -> class 1, ...
+    assert (label[1, :4, :4] == 2).all() and (label[2, :4, :4] == 1).all() and (label[3, :4, :4] == 3).all()
 
 
 def _fails(raw: Path, cache: Path, *args: str) -> str:

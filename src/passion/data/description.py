@@ -14,6 +14,7 @@ or the path of one. The format, with every key but `postprocess`, `crop_size`, `
     labels: {0: background, 2: oedema, 7: active}   # raw value -> class; first class is background
     class_aliases: {oedema: [edema]}
     regions: {lesion: [oedema, active], active: [active]}
+    region_aliases: {lesion: [whole lesion]}   # nnU-Net region-based labels map through these
     postprocess: {region: active, min_volume_mm3: 200}
     crop_size: [256, 256]               # in-plane centre crop instead of the non-zero box
 """
@@ -28,6 +29,7 @@ from .spec import DatasetSpec
 PRESET_DIR = Path(__file__).with_name("presets")
 DESCRIPTION_SUFFIXES = (".yaml", ".yml", ".json")
 _KEYS = {"name", "dimensions", "modalities", "label_suffix", "separator", "labels", "class_aliases", "regions",
+         "region_aliases",
          "postprocess", "crop_size", "description"}
 
 
@@ -151,6 +153,11 @@ def spec_from_description(data: dict) -> DatasetSpec:
         if cls not in classes:
             raise ValueError(f"class_aliases: {cls} is not a class ({', '.join(classes)})")
         class_aliases[cls] = tuple(_name_list(names, f"aliases of {cls}"))
+    region_aliases = {}
+    for region, names in (data.get("region_aliases") or {}).items():
+        if region not in regions:
+            raise ValueError(f"region_aliases: {region} is not a region ({', '.join(regions)})")
+        region_aliases[region] = tuple(_name_list(names, f"aliases of {region}"))
     post = data.get("postprocess") or {}
     if post and (not isinstance(post, dict) or post.get("region") not in regions):
         raise ValueError(f"postprocess needs {{region: one of {', '.join(regions)}, min_volume_mm3: N}}")
@@ -165,7 +172,7 @@ def spec_from_description(data: dict) -> DatasetSpec:
         regions=regions, postprocess_region=post.get("region"),
         postprocess_min_volume_mm3=float(post.get("min_volume_mm3", 500.0)), spatial_dims=dims,
         crop_size=tuple(int(v) for v in crop) if crop else None,
-        modality_aliases=modality_aliases, class_aliases=class_aliases)
+        modality_aliases=modality_aliases, class_aliases=class_aliases, region_aliases=region_aliases)
 
 
 def spec_to_description(spec: DatasetSpec) -> dict:
@@ -180,8 +187,9 @@ def spec_to_description(spec: DatasetSpec) -> dict:
         "labels": {int(v): spec.class_names[c] for v, c in spec.label_map.items()},
         "regions": {r: [spec.class_names[c] for c in cs] for r, cs in spec.regions.items()},
     }
-    if spec.class_aliases:
-        out["class_aliases"] = {k: list(v) for k, v in spec.class_aliases.items()}
+    for key in ("class_aliases", "region_aliases"):
+        if getattr(spec, key):
+            out[key] = {k: list(v) for k, v in getattr(spec, key).items()}
     if spec.postprocess_region:
         out["postprocess"] = {"region": spec.postprocess_region, "min_volume_mm3": spec.postprocess_min_volume_mm3}
     if spec.crop_size:

@@ -151,13 +151,37 @@ def map_onto(spec: DatasetSpec, channel_names: list[str], labels: dict[str, list
                f"channels {', '.join(channel_names)} do not map one-to-one onto {', '.join(spec.modalities)}")
         return None, why
     channels = tuple(spec.modalities[i] for i in idx)
+    if labels and any(len(v) != 1 for v in labels.values()):
+        values, why = _map_region_labels(spec, labels)
+        return ((channels, values), "") if values is not None else (None, why)
     values: dict[int, int] = {}
     for name, vals in (labels or {}).items():
         cls = spec.match_class(name)
-        if cls is None or len(vals) != 1:
+        if cls is None:
             return None, f"label {name!r} is not a class of {spec.name} ({', '.join(spec.class_names)})"
         values[vals[0]] = spec.inverse_label_map[cls]
     return (channels, values), ""
+
+
+def _map_region_labels(spec: DatasetSpec, labels: dict[str, list[int]]):
+    """nnU-Net region-based labels ('whole tumor': [1, 2, 3], 'tumor core': [2, 3], ...): each label
+    value becomes the spec class that lies in exactly the same named regions."""
+    regions: dict[str, set[int]] = {}
+    for name, vals in labels.items():
+        if vals == [0]:
+            continue
+        region = spec.match_region(name)
+        if region is None:
+            return None, f"label {name!r} is not a region of {spec.name} ({', '.join(spec.regions)})"
+        regions[region] = set(vals)
+    values = {0: spec.inverse_label_map[0]}
+    for v in sorted(set().union(*regions.values())):
+        inside = {r for r, vs in regions.items() if v in vs}
+        classes = [c for c in range(1, spec.num_classes) if {r for r in regions if c in spec.regions[r]} == inside]
+        if len(classes) != 1:
+            return None, f"label value {v} (in {', '.join(sorted(inside))}) is no single class of {spec.name}"
+        values[v] = spec.inverse_label_map[classes[0]]
+    return values, ""
 
 
 def _choose_spec(spec, channel_names, labels, meta, raw: Path, layout: str):
@@ -169,7 +193,7 @@ def _choose_spec(spec, channel_names, labels, meta, raw: Path, layout: str):
         if mapped is not None:
             channels, values = mapped
             mapping = {"channels": dict(zip(channel_names, channels)),
-                       "labels": {n: cand.class_names[cand.label_map[values[v[0]]]] for n, v in labels.items()}}
+                       "labels": {v: cand.class_names[cand.label_map[raw]] for v, raw in values.items()}}
             return cand, channels, values, mapping
         reasons.append(why)
     if spec is not None:

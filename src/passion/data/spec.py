@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 Mask = tuple[bool, ...]
+ALIAS_KEYS = ("modality_aliases", "class_aliases", "region_aliases")
 
 # Reference subset order of the BraTS split files (mask_id 0..14), as [flair, t1ce, t1, t2].
 _REFERENCE_ORDER_4 = [
@@ -69,6 +70,7 @@ class DatasetSpec:
     # other names of a modality / class (other releases, dataset.json channel and label names)
     modality_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     class_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    region_aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def num_modalities(self) -> int:
@@ -110,6 +112,11 @@ class DatasetSpec:
             if key in {normalize_name(n) for n in (c, *self.class_aliases.get(c, ()))}:
                 return i
         return None
+
+    def match_region(self, name: str) -> str | None:
+        key = normalize_name(name)
+        return next((r for r in self.regions
+                     if key in {normalize_name(n) for n in (r, *self.region_aliases.get(r, ()))}), None)
 
     def subsets(self) -> list[Mask]:
         return enumerate_subsets(self.num_modalities)
@@ -157,15 +164,15 @@ class DatasetSpec:
             "spatial_dims": self.spatial_dims,
             **({"crop_size": list(self.crop_size)} if self.crop_size else {}),
             **({"file_separator": self.file_separator} if self.file_separator != "_" else {}),
-            **({"modality_aliases": {k: list(v) for k, v in self.modality_aliases.items()}}
-               if self.modality_aliases else {}),
-            **({"class_aliases": {k: list(v) for k, v in self.class_aliases.items()}} if self.class_aliases else {}),
+            **{key: {k: list(v) for k, v in getattr(self, key).items()} for key in ALIAS_KEYS if getattr(self, key)},
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "DatasetSpec":
         # specs saved before aliases existed get those of the preset they came from
-        preset = PRESETS.get(d["name"]) if "modality_aliases" not in d and "class_aliases" not in d else None
+        preset = PRESETS.get(d["name"]) if not any(key in d for key in ALIAS_KEYS) else None
+        aliases = {key: {k: tuple(v) for k, v in d.get(key, {}).items()} if preset is None
+                   else dict(getattr(preset, key)) for key in ALIAS_KEYS}
         return cls(
             name=d["name"],
             modalities=tuple(d["modalities"]),
@@ -180,10 +187,7 @@ class DatasetSpec:
             spatial_dims=int(d.get("spatial_dims", 3)),
             crop_size=tuple(int(v) for v in d["crop_size"]) if d.get("crop_size") else None,
             file_separator=d.get("file_separator", "_"),
-            modality_aliases={k: tuple(v) for k, v in d.get("modality_aliases", {}).items()}
-            if preset is None else dict(preset.modality_aliases),
-            class_aliases={k: tuple(v) for k, v in d.get("class_aliases", {}).items()}
-            if preset is None else dict(preset.class_aliases),
+            **aliases,
         )
 
 
