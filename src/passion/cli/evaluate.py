@@ -66,7 +66,8 @@ def predict(
     t1ce: Optional[Path] = typer.Option(None, "--t1ce", help="T1ce file of a single case."),
     t1: Optional[Path] = typer.Option(None, "--t1", help="T1 file of a single case."),
     t2: Optional[Path] = typer.Option(None, "--t2", help="T2 file of a single case."),
-    modality: list[str] = typer.Option([], "--modality", help="NAME=PATH for other datasets (repeatable)."),
+    modality: list[str] = typer.Option([], "--modality", help="NAME=PATH for other datasets or aliases, e.g. "
+                                                              "t2f=case-t2f.nii.gz (repeatable)."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write <case>_probs.nii.gz."),
     overlay: bool = typer.Option(False, "--overlay",
                                  help="Also write <case>.png: three orthogonal slices through the predicted "
@@ -76,13 +77,20 @@ def predict(
                                           "under 500 mm^3)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16 (default: config)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, auto (default: config)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse a case whose files lie on different grids "
+                                                        "(default: resample onto the first modality's grid)."),
+    label_convention: Optional[str] = typer.Option(
+        None, "--label-convention", help="Write the raw label values of this dataset (e.g. brats2023: "
+                                         "enhancing = 3) instead of the model's."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     show_progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Segment new cases with whatever modalities they have; labels in the original geometry."""
+    """Segment new cases with whatever modalities they have (files under the model's names or their
+    aliases, e.g. a BraTS 2023 folder for a 2020 model); labels on each input's own grid."""
     from ..engine.predict import predict as run_prediction
 
     files = _parse_modality_files(flair, t1ce, t1, t2, modality)
     run_prediction(checkpoint, list(inputs or []), output, files=files or None, save_probabilities=probabilities,
                    device=device, precision=precision, overwrite=overwrite, postprocess=postprocess,
-                   progress=show_progress, log=typer.echo, overlay=overlay)
+                   progress=show_progress, log=typer.echo, overlay=overlay, strict=strict,
+                   label_convention=label_convention)

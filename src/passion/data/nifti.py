@@ -66,14 +66,25 @@ def _find_file(directory: Path, case: str, suffix: str) -> Path | None:
     return None
 
 
-def find_case_files(directory: str | Path, spec: DatasetSpec, case: str | None = None) -> CaseFiles:
+def find_case_files(directory: str | Path, spec: DatasetSpec, case: str | None = None,
+                    aliases: bool = False) -> CaseFiles:
     """Which modality and label files a case folder holds (named after the folder, or `case`
-    for flat folders holding the files of many cases, as in the MyoPS release)."""
+    for flat folders holding the files of many cases, as in the MyoPS release). aliases: a modality
+    without a file under its own suffix takes one named after an alias (BraTS 2023's -t2f for flair)."""
     directory = Path(directory)
     case = case or directory.name
     found = CaseFiles(case, directory)
     for modality, suffix in zip(spec.modalities, spec.suffixes):
         p = _find_file(directory, case, suffix)
+        if p is not None:
+            found.modalities[modality] = p
+    for modality in spec.modalities if aliases else ():
+        if modality in found.modalities:
+            continue
+        used = set(found.modalities.values())  # an alias never takes another modality's own file
+        hits = (_find_file(directory, case, v) for n in spec.modality_aliases.get(modality, ())
+                for v in (n, n.lower()))
+        p = next((f for f in hits if f is not None and f not in used), None)
         if p is not None:
             found.modalities[modality] = p
     found.label = _find_file(directory, case, spec.label_suffix)

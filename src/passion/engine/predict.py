@@ -42,10 +42,11 @@ def _case_name_from_files(files: Mapping[str, Path], spec) -> str:
 
     modality, path = next(iter(files.items()))
     stem = _strip_ext(Path(path).name)
-    suffix = spec.suffixes[spec.modality_index(modality)]
-    for sep in SEPARATORS:
-        if stem.lower().endswith(f"{sep}{suffix}".lower()) and len(stem) > len(suffix) + 1:
-            return stem[: -len(suffix) - 1]
+    i = spec.modality_index(modality)
+    for suffix in (spec.suffixes[i], *spec.modality_aliases.get(modality, ())):
+        for sep in SEPARATORS:
+            if stem.lower().endswith(f"{sep}{suffix}".lower()) and len(stem) > len(suffix) + 1:
+                return stem[: -len(suffix) - 1]
     return stem
 
 
@@ -61,11 +62,12 @@ def collect_cases(inputs: Sequence[str | Path], files: Mapping[str, str | Path] 
         if not d.is_dir():
             raise PassionError(f"{d}: INPUT must be a case folder or a folder of case folders; "
                                "give single files with --flair/--t1ce/--t1/--t2 or --modality NAME=PATH")
-        direct = find_case_files(d, spec)
+        direct = find_case_files(d, spec, aliases=True)
         if direct.modalities:
             cases.append(direct)
             continue
-        sub = [find_case_files(s, spec) for s in sorted(d.iterdir()) if s.is_dir() and not s.name.startswith(".")]
+        sub = [find_case_files(s, spec, aliases=True) for s in sorted(d.iterdir())
+               if s.is_dir() and not s.name.startswith(".")]
         sub = [c for c in sub if c.modalities]
         if not sub:
             expected = f"<case>_<{'|'.join(spec.suffixes)}>.nii.gz"
@@ -77,10 +79,11 @@ def collect_cases(inputs: Sequence[str | Path], files: Mapping[str, str | Path] 
     if files:
         mods: dict[str, Path] = {}
         for name, path in files.items():
-            try:
-                modality = spec.modalities[spec.modality_index(str(name))]
-            except ValueError as exc:
-                raise PassionError(str(exc)) from None
+            index = spec.match_modality(str(name))  # its name, file suffix or an alias (t2f for flair)
+            if index is None:
+                raise PassionError(f"unknown modality {name!r} for dataset {spec.name}; expected one of "
+                                   f"{', '.join(spec.modalities)} (or an alias of one)")
+            modality = spec.modalities[index]
             if modality in mods:
                 raise PassionError(f"modality {modality} given twice")
             p = Path(path)
@@ -161,13 +164,17 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
             files: Mapping[str, str | Path] | None = None, save_probabilities: bool = False,
             device: str | None = None, precision: str | None = None, *, overlap: float | None = None,
             overwrite: bool = False, postprocess: bool = False, progress: bool = True,
-            log: Callable[[str], None] | None = print, overlay: bool = False, strict: bool = False) -> list[Path]:
+            log: Callable[[str], None] | None = print, overlay: bool = False, strict: bool = False,
+            label_convention: str | None = None) -> list[Path]:
     """Segment every input case; returns the written paths (labels, then probability maps, then overlay
     figures, as asked).
 
     checkpoint: a checkpoint file or a run dir (its last checkpoint). files: {modality: path}
     for one case given as separate files. postprocess: apply the evaluation's small-ET removal.
     strict: refuse a case whose files lie on different grids instead of resampling them onto the first.
+    label_convention: a dataset (preset or description file) whose raw label values the output uses,
+    e.g. brats2023 (enhancing = 3) for a brats2020 model (enhancing = 4); default the model's own.
+    Files are found under the model's suffixes or their aliases (a BraTS 2023 folder for a 2020 model).
 
     Each input is brought into the training orientation and spacing (the checkpoint's "preprocess"
     record), predicted there, and its probabilities are brought back onto the input's own grid.
@@ -188,6 +195,8 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
     if not ckpt_arg.exists():
         raise PassionError(f"checkpoint not found: {ckpt_arg}")
     model, cfg, spec, ckpt, ckpt_path = load_model(ckpt_arg, "last", device="cpu")
+    spec = with_preset_aliases(spec)
+    out_spec = output_convention(spec, label_convention)
     dev = resolve_device(device or cfg.train.device)
     configure_host(cfg.train.threads, cfg.train.reuse_freed_memory)
     precision = inference_precision(precision, cfg.train.precision, dev)
@@ -231,7 +240,9 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
                               keep_last_axis=spec.spatial_dims == 2)
                 used = [m for m, a in zip(spec.modalities, loaded.available) if a]
                 missing = [m for m, a in zip(spec.modalities, loaded.available) if not a]
-                msg = f"{case.name}: using {', '.join(used)}" + (f" (missing: {', '.join(missing)})" if missing else "")
+                fed = ", ".join(f"{m} <- {Path(case.modalities[m]).name}" for m in used)
+                msg = (f"{case.name}: using {', '.join(used)} [{fed}]"
+                       + (f" (missing: {', '.join(missing)})" if missing else ""))
                 hint = evaluation_hint(run_dir, used)
                 say(msg + (f"; {hint}" if hint else ""))
                 image, box = preprocess_for_spec(gm.images(loaded.images), loaded.available, spec, min_size)
@@ -245,7 +256,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
                     full = gm.back_labels(uncrop(probs.argmax(axis=0).astype(np.uint8), box, gm.shape, fill=0))
                 if postprocess:
                     full = postprocess_classes(full, spec, loaded.spacing)
-                labels = unmap_labels(full, spec)
+                labels = unmap_labels(full, out_spec)
                 dest = tmp / targets[case.name].name
                 write_label_map(dest, labels, loaded.affine, loaded.header)
                 written.append((dest, targets[case.name]))
@@ -284,3 +295,44 @@ def _uncrop_probs(probs: np.ndarray, box, shape, uncrop) -> np.ndarray:
     p = uncrop(probs.astype(np.float32), box, shape, fill=0.0)
     p[0] = uncrop(probs[0].astype(np.float32), box, shape, fill=1.0)
     return p
+
+
+def with_preset_aliases(spec):
+    """A model's spec with the aliases of the preset of the same name and modalities (checkpoints
+    saved before specs carried aliases)."""
+    from dataclasses import replace
+
+    from ..data.spec import get_spec
+
+    if spec.modality_aliases:
+        return spec
+    try:
+        preset = get_spec(spec.name)
+    except ValueError:
+        return spec
+    if preset.modalities != spec.modalities:
+        return spec
+    return replace(spec, modality_aliases=dict(preset.modality_aliases), class_aliases=dict(preset.class_aliases))
+
+
+def output_convention(spec, convention: str | None):
+    """`spec` writing the raw label values of dataset `convention`, matched class by class by name."""
+    from dataclasses import replace
+
+    from ..data.spec import get_spec
+
+    if not convention:
+        return spec
+    try:
+        other = get_spec(convention)
+    except ValueError as exc:
+        raise PassionError(f"--label-convention: {exc}") from None
+    raw_of = other.inverse_label_map
+    label_map = {}
+    for cls, name in enumerate(spec.class_names):
+        index = other.match_class(name)
+        if index is None:
+            raise PassionError(f"--label-convention {other.name}: it has no class {name!r} of the model's "
+                               f"{spec.name} classes ({', '.join(spec.class_names)})")
+        label_map[raw_of[index]] = cls
+    return replace(spec, label_map=label_map)
