@@ -362,12 +362,15 @@ def reference_grid(files: CaseFiles, spec: DatasetSpec):
 
 # ----------------------------------------------------------------------------- prediction inputs
 
-def nnunet_test_inputs(folder: str | Path, spec: DatasetSpec) -> dict[str, dict[str, Path]]:
-    """An nnU-Net imagesTs folder (or the dataset folder holding it) as {case: {modality: file}}, the
-    per-case inputs `predict(..., files=...)` takes; channels are named by dataset.json when there is one."""
+def nnunet_test_cases(folder: str | Path, spec: DatasetSpec) -> list[CaseFiles] | None:
+    """The cases of an nnU-Net images folder (imagesTs, imagesTr, or the dataset folder: its imagesTs)
+    with channels named by dataset.json where there is one, else in spec order; None when `folder`
+    is not such a folder (predict then reads it as BraTS-layout case folders)."""
     folder = Path(folder)
     images = folder / "imagesTs" if (folder / "imagesTs").is_dir() else folder
     meta = read_dataset_json(images.parent) or read_dataset_json(images) or {}
+    if "channel_names" not in meta and images.name not in ("imagesTs", "imagesTr"):
+        return None
     where = images.parent / "dataset.json"
     ending = str(meta.get("file_ending", ".nii.gz"))
     if "channel_names" in meta:
@@ -381,5 +384,13 @@ def nnunet_test_inputs(folder: str | Path, spec: DatasetSpec) -> dict[str, dict[
     found = channel_files(images, ending, where, len(channels))
     if not found:
         raise PassionError(f"{images}: no <case>_<XXXX>{ending} files")
-    return {case: {channels[c]: p for c, p in sorted(files.items())} for case, files in sorted(found.items())}
+    return [CaseFiles(case, images, {channels[c]: p for c, p in sorted(files.items())})
+            for case, files in sorted(found.items())]
 
+
+def nnunet_test_inputs(folder: str | Path, spec: DatasetSpec) -> dict[str, dict[str, Path]]:
+    """nnunet_test_cases as {case: {modality: file}}, the per-case `files=` of predict()."""
+    cases = nnunet_test_cases(folder, spec)
+    if cases is None:
+        raise PassionError(f"{folder}: not an nnU-Net dataset or images folder")
+    return {c.name: dict(c.modalities) for c in cases}
