@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -97,6 +98,15 @@ def test_nnunet_images_ts_become_predict_inputs(written, tmp_path):
     assert "t1ce" not in inputs["Synth_0001"]  # its T1ce file is missing
     # a brats2023 model gets the same files under its own modality names
     assert set(layouts.nnunet_test_inputs(ts, get_spec("brats2023"))["Synth_0002"]) == {"t2f", "t1c", "t1n", "t2w"}
+    # `passion predict` takes the imagesTs folder itself and names outputs after the cases
+    from oracle import oracle_checkpoint
+
+    ckpt = oracle_checkpoint(tmp_path, get_spec("brats2020"), [32, 32, 32])
+    result = runner.invoke(app, ["predict", "--checkpoint", str(ckpt), "--output", str(tmp_path / "pred"),
+                                 "--no-progress", str(ts)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["Synth_0001.nii.gz", "Synth_0002.nii.gz"]
+    assert nib.load(str(tmp_path / "pred" / "Synth_0001.nii.gz")).shape == (32, 32, 32)
 
 
 # ---------------------------------------------------------------------------- hand-made tiny datasets

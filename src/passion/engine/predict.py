@@ -52,6 +52,7 @@ def _case_name_from_files(files: Mapping[str, Path], spec) -> str:
 
 def collect_cases(inputs: Sequence[str | Path], files: Mapping[str, str | Path] | None, spec) -> list:
     """CaseFiles for every requested case; bad input raises one clear PassionError."""
+    from ..data.layouts import nnunet_test_cases
     from ..data.nifti import EXTENSIONS, CaseFiles, find_case_files
 
     cases = []
@@ -62,6 +63,10 @@ def collect_cases(inputs: Sequence[str | Path], files: Mapping[str, str | Path] 
         if not d.is_dir():
             raise PassionError(f"{d}: INPUT must be a case folder or a folder of case folders; "
                                "give single files with --flair/--t1ce/--t1/--t2 or --modality NAME=PATH")
+        nnunet = nnunet_test_cases(d, spec)  # an nnU-Net imagesTs folder or dataset folder
+        if nnunet is not None:
+            cases.extend(nnunet)
+            continue
         direct = find_case_files(d, spec, aliases=True)
         if direct.modalities:
             cases.append(direct)
