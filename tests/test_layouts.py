@@ -208,3 +208,12 @@ def test_msd_4d_image_with_the_wrong_channel_count(tmp_path):
     assert "c1.nii.gz: 3 channels, but dataset.json lists 4 modalities" in message
     message = _fails(_msd(tmp_path / "raw2", channels=4, listed=("c1", "c2")), tmp_path / "cache2")
     assert "lists image ./imagesTr/c2.nii.gz, which does not exist" in message
+
+
+def test_brats_layout_preset_guessed_from_the_file_suffixes(written, tmp_path):
+    from passion.data.synthetic_myops import synthesize_dataset as synth_myops
+
+    assert layouts.open_raw(written[("brats", "brats2023")]).spec.name == "brats2023"
+    assert layouts.open_raw(written[("brats", "brats2020")]).spec.name == "brats2020"
+    synth_myops(tmp_path / "myops", cases=1, shape=(32, 32, 3), seed=1, workers=1, progress_bar=False)
+    assert layouts.open_raw(tmp_path / "myops").spec.name == "myops2020"  # flat <case>_C0.nii.gz files

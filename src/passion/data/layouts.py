@@ -98,13 +98,13 @@ def open_raw(raw_dir: str | Path, spec: DatasetSpec | None = None) -> RawDataset
 
 
 def _guess_brats_preset(raw: Path) -> DatasetSpec:
-    """brats2020 unless the first case folder's files carry another 3D preset's suffixes."""
+    """brats2020, unless the first case folder (or the flat files) has more of another preset's suffixes."""
     first = next((d for d in sorted(raw.iterdir()) if d.is_dir() and not d.name.startswith(".")), raw)
     names = [p.name.lower() for p in first.iterdir() if p.name.endswith(EXTENSIONS)]
     best, hits = PRESETS["brats2020"], 0
     for spec in PRESETS.values():
         n = sum(any(re.search(rf"[_-]{re.escape(s.lower())}\.nii", f) for f in names) for s in spec.suffixes)
-        if spec.spatial_dims == 3 and n > hits:
+        if n > hits:
             best, hits = spec, n
     return best
 
@@ -186,7 +186,7 @@ def _map_region_labels(spec: DatasetSpec, labels: dict[str, list[int]]):
 
 def _choose_spec(spec, channel_names, labels, meta, raw: Path, layout: str):
     where = raw / "dataset.json"
-    candidates = [spec] if spec is not None else [s for s in PRESETS.values() if s.spatial_dims == 3]
+    candidates = [spec] if spec is not None else list(PRESETS.values())
     reasons = []
     for cand in candidates:
         mapped, why = map_onto(cand, channel_names, labels)
