@@ -125,9 +125,9 @@ def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", mode
         if b.iters_per_epoch:
             run_overrides.append(f"train.iters_per_epoch={b.iters_per_epoch}")
         cfg = load_config(DEMO_CONFIG, run_overrides + list(b.overrides) + list(overrides or []))
-        if not training_finished(run_dir, b.epochs):
+        if not training_finished(run_dir, cfg.train.epochs):  # the caller's overrides may change the budget's
             resume = (run_dir / "checkpoints" / "last.pt").is_file()
-            log(f"[{step}/6] training {model} with the {objective} objective ({b.epochs} epochs)"
+            log(f"[{step}/6] training {model} with the {objective} objective ({cfg.train.epochs} epochs)"
                 + (" - resuming" if resume else ""))
             train(cfg, resume=resume)
         results = run_dir / "eval" / "test" / "results.json"
