@@ -142,3 +142,26 @@ def test_training_records_the_cache_grid_in_its_checkpoints(tiny_data, tmp_path)
     index = cache_mod.read_index(tiny_data / "cache")
     record = preprocess_of(load_checkpoint(run / "checkpoints" / "last.pt"))
     assert record == {"min_size": 32, "spacing": index["spacing"], "orientation": index["orientation"]}
+
+
+def test_an_old_cache_keeps_native_grids_with_one_warning(tmp_path, synth_raw_dir, capsys):
+    cache = tmp_path / "cache"
+    prepare_dataset(synth_raw_dir, cache, BRATS, min_size=8, progress=False)
+    index = json.loads((cache / "dataset.json").read_text())
+    for key in ("spacing", "orientation"):
+        del index[key]
+    (cache / "dataset.json").write_text(json.dumps(index))
+    for meta_path in cache.glob("cases/*/meta.json"):  # as written before grids were recorded
+        meta = json.loads(meta_path.read_text())
+        meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k not in ("grid", "orientation", "grid_shape")}))
+    capsys.readouterr()
+    assert prepare_dataset(synth_raw_dir, cache, BRATS, min_size=8, progress=False)["grid"] is None
+    assert capsys.readouterr().err.count("before spacing and orientation were recorded") == 1
+    with pytest.raises(PassionError, match="native grid"):
+        prepare_dataset(synth_raw_dir, cache, BRATS, min_size=8, progress=False, spacing=[1.0, 1.0, 1.0])
+
+
+def test_2d_datasets_never_resample_across_slices():
+    gm = grid_map((64, 48, 6), grid_affine((2.5, 2.5, 10.0)), spacing=[1.25, 1.25, 8.0], orientation="RAS",
+                  keep_last_axis=True)
+    assert gm.shape == (128, 96, 6) and np.allclose(gm.spacing, [1.25, 1.25, 10.0])

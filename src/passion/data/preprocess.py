@@ -290,6 +290,8 @@ def _cache_grid(cases: list[CaseFiles], cache_dir: Path, spec: DatasetSpec, spac
             if spacing is not None or orientation:
                 raise PassionError(f"{cache_dir} was prepared on each case's native grid; use another cache "
                                    "directory for --spacing/--orientation")
+            print(f"warning: {cache_dir} was prepared before spacing and orientation were recorded; "
+                  "its cases keep their native grids", file=sys.stderr)
             return None
         asked = plan_grid([], spacing or recorded["spacing"], orientation or recorded["orientation"])
         if asked["orientation"] != recorded["orientation"] or not same_spacing(asked["spacing"], recorded["spacing"]):
