@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, save_config
-from ..data.cache import read_index, read_spec
+from ..data.cache import preprocess_record, read_index, read_spec
 from ..data.spec import DatasetSpec
 from ..utils import PassionError, atomic_write_text, progress
 from .checkpoint import (build_model_for, discard_previous_run, load_checkpoint, restore_rng_state, rng_state,
@@ -100,6 +100,7 @@ class Trainer:
             raise ConfigError("data.split is not set (a folder made by `passion split`)")
         self.spec: DatasetSpec = read_spec(cfg.data.cache)
         index = read_index(cfg.data.cache)
+        self.preprocess = preprocess_record(index)  # predict repeats it (min_size, spacing, orientation)
         shapes = {c["name"]: c.get("shape") for c in index["cases"]}
         split = load_split(cfg.data.split)
         self.train_cases = list(split.train)
@@ -223,6 +224,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "best": self.best,
             "epoch_means": self.epoch_means.state_dict(),
+            "preprocess": self.preprocess,
         }
 
     def save(self, name: str) -> None:
