@@ -59,9 +59,10 @@ def build_step(name: str, objective: str, size: int, precision: str, device: str
     available = min(available, m)
     model = build_model(name, num_modalities=m, num_classes=spec.num_classes, base_width=base_width,
                         patch_size=(size,) * dims, spatial_dims=dims).to(dev).train()
-    model.set_activation_checkpointing(checkpointing)
+    if checkpointing != "off":
+        model.set_activation_checkpointing(checkpointing)
     if compile:
-        model.compile_stages()
+        model.compile_stages(allow_cpu=True)  # the trainer ignores train.compile on a CPU; here it is measured
     obj = build_objective(objective, ObjectiveConfig(name=objective), num_modalities=m,
                           modality_names=list(spec.modalities), availability_counts=[100] * m,
                           iters_per_epoch=219, setting="idt")

@@ -94,7 +94,7 @@ class TrainConfig:
     reuse_freed_memory: bool = True  # keep freed host memory for reuse (glibc); see engine/runtime.py
     # recompute activations in backward instead of storing them: off | decoder | all (models/checkpointing.py)
     activation_checkpointing: str = "off"
-    compile: bool = False  # torch.compile the backbone's encoders, fusion and decoders (models/compile.py)
+    compile: bool = False  # torch.compile the backbone's stages on CUDA; ignored on a CPU (models/compile.py)
     seed: int = 1037
     grad_clip: float | None = None
     checkpoint_every_iters: int = 0  # 0: only at epoch ends

@@ -185,6 +185,9 @@ class Trainer:
             self.model = build_model_for(cfg, self.spec).to(self.device)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+        if cfg.train.compile:
+            self.model.compile_stages()
         try:
             self.objective = build_objective(
                 cfg.objective.name, cfg.objective, num_modalities=self.spec.num_modalities,

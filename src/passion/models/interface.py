@@ -131,11 +131,12 @@ class Backbone(nn.Module, abc.ABC):
 
         set_activation_checkpointing(self, mode)
 
-    def compile_stages(self, **options) -> None:
-        """torch.compile, in place, the submodules that encode / fuse / decode_single call."""
+    def compile_stages(self, allow_cpu: bool = False, **options) -> list[nn.Module]:
+        """torch.compile, in place, the submodules that encode / fuse / decode_single call
+        (not on a CPU unless `allow_cpu`, see models/compile.py); returns them."""
         from .compile import compile_backbone
 
-        compile_backbone(self, **options)
+        return compile_backbone(self, allow_cpu=allow_cpu, **options)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         mask = mask.to(dtype=torch.bool, device=x.device)
