@@ -115,6 +115,8 @@ def cuda_run(name: str, objective: str, size: int, steps: int, warmup: int, prec
     import torch
 
     step = None
+    if compile:  # earlier configurations' compiled frames would count against the recompile limit
+        torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
