@@ -80,6 +80,15 @@ def test_modes_wrap_blocks_and_keep_parameter_names(name):
         model.set_activation_checkpointing("encoder")
 
 
+def test_backbone_without_declared_blocks_is_a_clear_error():
+    from fakes import FakeBackbone
+
+    model = FakeBackbone()
+    model.set_activation_checkpointing("off")
+    with pytest.raises(ValueError, match="FakeBackbone declares no checkpoint_blocks"):
+        model.set_activation_checkpointing("decoder")
+
+
 def test_no_checkpointing_without_grad():
     model, cfg = tiny("rfnet", "all")
     x = torch.randn(1, M, *cfg["patch_size"], dtype=torch.float64)

@@ -65,6 +65,9 @@ def set_activation_checkpointing(model: nn.Module, mode: str) -> list[nn.Module]
     if mode == "off":
         return []
     types = tuple(model.checkpoint_blocks)
+    if not types:
+        raise ValueError(f"{type(model).__name__} declares no checkpoint_blocks, so activation_checkpointing "
+                         f"{mode!r} would change nothing")
     skip = set() if mode == "all" else {id(m) for m in model.encoder_modules()}
     blocks = outermost_blocks(model, types, skip)
     for block in blocks:

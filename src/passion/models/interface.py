@@ -23,6 +23,8 @@ every backbone without adapters:
   may be skipped (returned as zeros).
 - ``forward(x, mask) -> logits [B, C, *spatial]`` for inference.
 - ``modality_parameters(m)``: the parameters of modality m's encoder.
+- Training options: ``set_activation_checkpointing(mode)`` (a backbone declares its
+  ``checkpoint_blocks`` and ``encoder_modules``) and ``compile_stages()``.
 """
 from __future__ import annotations
 
