@@ -66,10 +66,12 @@ def test_cuda_step_matches_cpu(name, objective):
     torch.testing.assert_close(loss_gpu, loss_cpu, rtol=1e-4, atol=1e-5)
     assert grads_gpu.keys() == grads_cpu.keys() and grads_cpu
     # relative to the largest gradient of the model: some gradients are zero in exact arithmetic
-    # (a conv bias before instance norm) and only rounding noise on either device
+    # (a conv bias before instance norm) and only rounding noise on either device. Measured on an
+    # H200: up to 1.1e-3 of the scale for mmFormer + PASSION (cuDNN/attention reduction order);
+    # a real bug (a wrong mask, a missing term) moves gradients by O(scale)
     scale = max(g.abs().max().item() for g in grads_cpu.values())
     worst = max(((g - grads_cpu[k]).abs().max().item(), k) for k, g in grads_gpu.items())
-    assert worst[0] < 1e-3 * scale, (worst, scale)
+    assert worst[0] < 5e-3 * scale, (worst, scale)
 
 
 @pytest.mark.parametrize("name", BACKBONES)
