@@ -1,8 +1,19 @@
 """Shared fixtures (keep small; name fixtures after what they provide)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs two workers on two cores) each worker keeps one
+    intra-op thread, and so do the CLI subprocesses it starts: two workers with two OpenMP
+    threads each on two cores wait on descheduled threads at every parallel region."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
