@@ -34,10 +34,6 @@ def _results(seed_out: Path, objective: str) -> dict:
     return json.loads((seed_out / objective / "eval" / "test" / "results.json").read_text())
 
 
-def _full(results: dict) -> dict:
-    return max(results["subsets"], key=lambda s: len(s["modalities"]))["dice"]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/bench_accuracy")
@@ -53,7 +49,7 @@ def main(argv=None) -> int:
     from passion.data.spec import get_spec
     from passion.data.splits import training_description
     from passion.engine.metrics import region_names
-    from passion.report.paired import paired_comparison, t_interval
+    from passion.report.paired import full_subset, paired_comparison, t_interval
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     out = Path(args.out)
@@ -70,7 +66,7 @@ def main(argv=None) -> int:
     per_objective = {}
     for objective in OBJECTIVES:
         res = [_results(d, objective) for d in seed_dirs]
-        full = [{r: _full(x)[r] for r in regions} for x in res]
+        full = [{r: full_subset(x)["dice"][r] for r in regions} for x in res]
         mean = [{r: x["mean"]["dice"][r] for r in regions} for x in res]
         per_objective[objective] = {
             "per_seed": {str(s): {"full_subset": f, "mean_over_subsets": m} for s, f, m in zip(seeds, full, mean)},

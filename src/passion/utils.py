@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -12,10 +13,16 @@ class PassionError(Exception):
     """An error caused by user input; the CLI prints its message as one line and exits 1."""
 
 
+# read once at import (os.umask can only be read by setting it, which is not thread-safe later)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _tmp_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give what a plain open() would
     return Path(tmp)
 
 
@@ -79,3 +86,14 @@ def progress(iterable=None, total: int | None = None, desc: str = "", disable: b
             prog.update(task, status=status)
 
     return _Bar()
+
+
+def json_safe(obj):
+    """NaN (e.g. HD95 not computed) -> None so that results.json is strict JSON."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else obj
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_safe(v) for v in obj]
+    return obj

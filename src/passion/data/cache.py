@@ -106,3 +106,19 @@ def grid_of(index: dict) -> dict | None:
 def preprocess_record(index: dict) -> dict:
     """What `predict` must repeat of a cache's preprocessing; checkpoints store it as "preprocess"."""
     return {"min_size": index.get("min_size"), **(grid_of(index) or {"spacing": None, "orientation": None})}
+
+
+def match_cache_names(names: list[str], cache: str | Path) -> list[str]:
+    """Cache names for a case list; the reference lists prefix BraTS names with HG_/LG_."""
+    out, missing = [], []
+    for n in names:
+        if is_case_complete(cache, n):
+            out.append(n)
+        elif n[:3] in ("HG_", "LG_") and is_case_complete(cache, n[3:]):
+            out.append(n[3:])
+        else:
+            missing.append(n)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise PassionError(f"case(s) {', '.join(missing[:3])}{more} are not in cache {cache}")
+    return out

@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..config import SETTINGS
 from ..utils import PassionError
 from .augment import AugmentConfig, augment_patch
 from .cache import read_case, read_index
 from .spec import DatasetSpec, Mask
-
-SETTINGS = ("idt", "idt_drop", "pdt")
 
 
 def _cache_availability(cache: str | Path, spec: DatasetSpec) -> dict[str, Mask]:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..utils import PassionError, atomic_write_json, atomic_write_text
+from ..utils import PassionError, atomic_write_json, atomic_write_text, json_safe
 from . import metrics as M
 
 FORMAT = "passion-eval"
@@ -83,24 +82,6 @@ def _case_names(split: str, cfg, run_dir: Path, cases: Sequence[str] | None) -> 
     if not f.is_file():
         raise PassionError(f"no case list for split {split!r}: {f} does not exist")
     return read_case_list(f)
-
-
-def _match_cache_names(names: list[str], cache: Path) -> list[str]:
-    """Cache names for a case list; the reference lists prefix BraTS names with HG_/LG_."""
-    from ..data.cache import is_case_complete
-
-    out, missing = [], []
-    for n in names:
-        if is_case_complete(cache, n):
-            out.append(n)
-        elif n[:3] in ("HG_", "LG_") and is_case_complete(cache, n[3:]):
-            out.append(n[3:])
-        else:
-            missing.append(n)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise PassionError(f"case(s) {', '.join(missing[:3])}{more} are not in cache {cache}")
-    return out
 
 
 def _nanmean(values) -> float:
@@ -199,7 +180,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     run's cache; `fuse_batch` (subsets per fusion call, default 5) and `subset_chunk` (subsets per
     sliding-window pass) trade memory for speed, see engine.inference.predict_subsets.
     """
-    from ..data.cache import read_case
+    from ..data.cache import match_cache_names, read_case
     from ..utils import progress as progress_bar
     from .inference import (DEFAULT_FUSE_BATCH, configure_host, inference_precision, predict_classes,
                             resolve_device, warn_if_slow_precision)
@@ -232,7 +213,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     if (out / "results.json").exists() and not overwrite:
         raise PassionError(f"{out / 'results.json'} exists; pass --overwrite (overwrite=True) to replace it")
     cache_dir = Path(cache) if cache is not None else _resolve_path(cfg.data.cache, run_path, "data.cache")
-    names = _match_cache_names(_case_names(split, cfg, run_path, cases), cache_dir)
+    names = match_cache_names(_case_names(split, cfg, run_path, cases), cache_dir)
     if not names:
         raise PassionError(f"split {split!r} has no cases")
 
@@ -281,7 +262,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     }
     if ckpt.get("best"):  # the training run's best validation so far: {"val_score", "epoch" (0-based), "step"}
         results["best"] = ckpt["best"]
-    results = _json_safe(results)
+    results = json_safe(results)
     out.mkdir(parents=True, exist_ok=True)
     from ..report.figures import subset_heatmap
 
@@ -342,14 +323,3 @@ def keep_overlay_cases(run_dir: str | Path, split: str = "test", device: str | N
         overlay.add(name, case.image, np.asarray(case.label), classes, [r for r in rows if r["case"] == name],
                     case.available, case.meta.get("spacing"), score=scores[name])
     return overlay.save(overlay_path(out))
-
-
-def _json_safe(obj):
-    """NaN (e.g. HD95 not computed) -> None so that results.json is strict JSON."""
-    if isinstance(obj, float):
-        return None if math.isnan(obj) else obj
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj

@@ -7,9 +7,9 @@ import sys
 
 import torch
 
+from ..config import PRECISIONS
 from ..utils import PassionError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def resolve_device(device: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:

@@ -8,7 +8,6 @@ uninterrupted one. Validation (engine/validation.py) consumes no training RNG.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -21,10 +20,11 @@ import torch
 from ..config import Config, ConfigError, save_config
 from ..data.cache import preprocess_record, read_index, read_spec
 from ..data.spec import DatasetSpec
-from ..utils import PassionError, atomic_write_text, progress
+from ..utils import PassionError, progress
 from .checkpoint import (build_model_for, discard_previous_run, load_checkpoint, restore_rng_state, rng_state,
                          save_checkpoint, seed_everything)
 from .epoch_means import EpochMeans
+from .metrics_log import FILE_NAME as METRICS_FILE, MetricsLog, attach_text_log
 from .validation import is_better, is_validation_epoch
 from .runtime import autocast, configure_host, resolve_device, warn_if_slow_precision
 from .distributed import DistContext, init_distributed, shutdown
@@ -67,14 +67,14 @@ class Trainer:
         self.best: dict | None = None  # {"val_score", "epoch" (0-based), "step"} of best.pt
         self.last_val = ""  # progress-bar text of the latest validation
         self.epoch_means = EpochMeans()
+        self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main, tensorboard=t.tensorboard)
         if resume:
             self._resume()
         elif self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "metrics.jsonl").write_text("")
+            (self.run_dir / METRICS_FILE).write_text("")
         self.dist.barrier()
-        self._tb = self._open_tensorboard() if (t.tensorboard and self.dist.is_main) else None
 
     # ----------------------------------------------------------------- setup
     def _check_run_dir(self, resume: bool, force: bool) -> None:
@@ -134,29 +134,12 @@ class Trainer:
 
     def _setup_validation(self, split) -> None:
         """The fixed val cases (checked now, so that a bad val list fails before training)."""
-        from ..data.cache import case_dir
-        from .evaluate import _match_cache_names
-        from .validation import select_val_cases, validation_subsets
+        from .validation import val_case_names
 
-        t = self.cfg.train
         try:
-            validation_subsets(self.spec, t.val_subsets)
+            self.val_names, self.val_note = val_case_names(self.cfg, split.val, self.spec)
         except PassionError as exc:
             raise ConfigError(str(exc)) from None
-        self.val_note = ""
-        if t.val_cases == 0:
-            self.val_names: list[str] = []
-            self.val_note = "validation is off (train.val_cases=0)"
-        elif not split.val:
-            self.val_names = []
-            self.val_note = f"validation skipped: split {self.cfg.data.split} has no val cases"
-        else:
-            names = _match_cache_names(select_val_cases(split.val, t.val_cases, t.seed), Path(self.cfg.data.cache))
-            unlabelled = [n for n in names if not (case_dir(self.cfg.data.cache, n) / "label.npy").is_file()]
-            if unlabelled:
-                raise ConfigError(f"val case {unlabelled[0]!r} in {self.cfg.data.cache} has no label; "
-                                  f"it cannot be validated")
-            self.val_names = names
 
     def _training_masks(self, split, index: dict) -> list[tuple[bool, ...]]:
         """Each training case's fixed mask: the split's table (idt*) or all it has (pdt), never
@@ -257,56 +240,8 @@ class Trainer:
         self.best = ckpt.get("best")
         self.epoch_means.load_state_dict(ckpt.get("epoch_means") or EpochMeans().state_dict())
         if self.dist.is_main:
-            self._truncate_metrics()
+            self.metrics_log.truncate(self.state.step, self.state.epoch)
             log.info("resumed from epoch %d iteration %d", self.state.epoch, self.state.iteration)
-
-    def _truncate_metrics(self) -> None:
-        """Drop metric lines written after the checkpoint, so a resumed log equals an uninterrupted one."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        keep = []
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill
-            if rec.get("type") == "iter" and rec["step"] <= self.state.step:
-                keep.append(line)
-            elif rec.get("type") == "epoch" and rec["epoch"] < self.state.epoch:
-                keep.append(line)
-        atomic_write_text(path, "".join(k + "\n" for k in keep))
-
-    # ----------------------------------------------------------------- logging
-    def _open_tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            log.warning("train.tensorboard is on but tensorboard is not installed (pip install 'passion-seg[tensorboard]')")
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
-
-    def _write_metrics(self, record: dict) -> None:
-        if not self.dist.is_main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            tag = record["type"]
-            x = record["step"] if tag == "iter" else record["epoch"]
-            for key, value in record.items():
-                if key in ("type", "epoch", "iteration", "step"):
-                    continue
-                if isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"{tag}/{key}", value, x)
-                elif isinstance(value, dict):
-                    for sub, v in value.items():
-                        if isinstance(v, (int, float)):
-                            self._tb.add_scalar(f"{tag}/{key}/{sub}", v, x)
-                        elif isinstance(v, dict):  # val_dice: {"full"|"mean": {region: dice}}
-                            for leaf, w in v.items():
-                                if isinstance(w, (int, float)):
-                                    self._tb.add_scalar(f"{tag}/{key}/{sub}/{leaf}", w, x)
 
     # ----------------------------------------------------------------- loop
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -360,8 +295,7 @@ class Trainer:
                             and self.state.iteration < self.iters_per_epoch:
                         self.save("last.pt")
                 self._end_epoch(epoch, lr, bar)
-        if self._tb is not None:
-            self._tb.close()
+        self.metrics_log.close()
         self.dist.barrier()
         return self.run_dir
 
@@ -395,7 +329,7 @@ class Trainer:
         record.update(stats)
         self.epoch_means.add(record)
         if self.state.step % max(1, t.log_every) == 0 or self.state.iteration == self.iters_per_epoch:
-            self._write_metrics(record)
+            self.metrics_log.append(record)
         return record
 
     def _end_epoch(self, epoch: int, lr: float, bar=None) -> None:
@@ -406,7 +340,7 @@ class Trainer:
         self.epoch_means.reset()
         val = self._validate(epoch, bar)
         record.update(val)
-        self._write_metrics(record)
+        self.metrics_log.append(record)
         self.state.epoch += 1
         self.state.iteration = 0
         if val and is_better(val["val_score"], self.best):
@@ -448,23 +382,12 @@ class Trainer:
         shutdown(self.dist)
 
 
-def _setup_logging(run_dir: Path, is_main: bool) -> logging.Handler | None:
-    if not is_main:
-        return None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    return handler
-
-
 def train(cfg: Config, resume: bool = False, force: bool = False) -> Path:
     """Train a model as `cfg` says; returns the run directory. The Python API under `passion train`."""
     trainer = Trainer(cfg, resume=resume, force=force)
     handler = None
     try:
-        handler = _setup_logging(trainer.run_dir, trainer.dist.is_main)
+        handler = attach_text_log(trainer.run_dir, trainer.dist.is_main)
         note = warn_if_slow_precision(trainer.device, cfg.train.precision) if trainer.dist.is_main else None
         if note:
             log.warning(note)

@@ -50,6 +50,23 @@ def select_val_cases(names: Sequence[str], count: int | None, seed: int) -> list
     return [names[i] for i in sorted(pick.tolist())]
 
 
+def val_case_names(cfg, split_val: Sequence[str], spec: DatasetSpec) -> tuple[list[str], str]:
+    """The run's fixed val cases, checked before training, and a note when validation is off."""
+    from ..data.cache import case_dir, match_cache_names
+
+    t = cfg.train
+    validation_subsets(spec, t.val_subsets)
+    if t.val_cases == 0:
+        return [], "validation is off (train.val_cases=0)"
+    if not split_val:
+        return [], f"validation skipped: split {cfg.data.split} has no val cases"
+    names = match_cache_names(select_val_cases(split_val, t.val_cases, t.seed), Path(cfg.data.cache))
+    unlabelled = [n for n in names if not (case_dir(cfg.data.cache, n) / "label.npy").is_file()]
+    if unlabelled:
+        raise PassionError(f"val case {unlabelled[0]!r} in {cfg.data.cache} has no label; it cannot be validated")
+    return names, ""
+
+
 def validation_subsets(spec: DatasetSpec, subsets: str | Sequence = "all") -> list:
     """The subsets averaged into the score, in the spec's order (checked before training starts)."""
     try:
@@ -94,7 +111,8 @@ def validate(model, cache: str | Path, cases: Sequence[str], spec: DatasetSpec, 
     is called before each case (progress).
     """
     from ..data.datasets import EvalDataset
-    from .evaluate import _json_safe, score_case, summarise
+    from ..utils import json_safe
+    from .evaluate import score_case, summarise
     from .inference import DEFAULT_FUSE_BATCH, inference_precision, predict_classes, resolve_device
 
     start = time.perf_counter()
@@ -135,7 +153,7 @@ def validate(model, cache: str | Path, cases: Sequence[str], spec: DatasetSpec, 
     score = [v for v in mean_dice.values() if not math.isnan(v)]
     return {
         # NaN (no val case has the subset's modalities) -> null, so that metrics.jsonl stays strict JSON
-        "val_dice": _json_safe({"full": full_entry["dice"], "mean": mean_dice}),
+        "val_dice": json_safe({"full": full_entry["dice"], "mean": mean_dice}),
         "val_score": float(np.mean(score)) if score else None,
         "val_cases": len({r["case"] for r in rows}),
         "val_seconds": round(time.perf_counter() - start, 3),

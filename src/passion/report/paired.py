@@ -34,8 +34,13 @@ def _subset_dice(results: dict) -> dict[str, dict[str, float]]:
     return {"+".join(s["modalities"]): s["dice"] for s in results["subsets"]}
 
 
+def full_subset(results: dict) -> dict:
+    """The subset entry of a results.json with the most modalities (all of them when evaluated)."""
+    return max(results["subsets"], key=lambda s: len(s["modalities"]))
+
+
 def _full_name(results: dict) -> str:
-    return "+".join(max(results["subsets"], key=lambda s: len(s["modalities"]))["modalities"])
+    return "+".join(full_subset(results)["modalities"])
 
 
 def paired_comparison(baseline: Sequence[dict], passion: Sequence[dict], regions: Sequence[str],
