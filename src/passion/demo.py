@@ -32,12 +32,12 @@ class Budget:
 
 
 BUDGETS = {
-    # 28 phantoms: 17 train, 4 val, 7 test. 70 epochs of 17 steps at lr 1e-2 (demo_cpu.yaml), validated every
+    # 28 phantoms: 17 train, 4 val, 7 test. 60 epochs of 17 steps at lr 1e-2 (demo_cpu.yaml), validated every
     # 10 epochs. At 50 epochs the val Dice was still climbing and one seed in five ended at full-subset WT
-    # 0.79; 80 epochs lifted that seed to 0.86 (benchmarks/README.md, "Accuracy on phantoms"). 50 epochs
-    # took 8 min 10 s end to end on 2 idle cores (training 3:00 baseline, 4:35 PASSION); 70 epochs cost
-    # about 0.2 s (baseline) + 0.3 s (PASSION) per epoch-case more: about 11 min.
-    "quick": Budget(cases=28, shape=(48, 48, 48), patch=32, epochs=70, iters_per_epoch=None, min_size=32,
+    # 0.79; 80 epochs lifted that seed to 0.86 (benchmarks/README.md, "Accuracy on phantoms"). 70 epochs
+    # took 15 min 45 s end to end on 2 idle cores (training 6:00 baseline, about 8:40 PASSION, steps of
+    # 0.24 / 0.37 s plus 7 validations), over the 15 min the demo promises; 60 epochs is about 13.5 min.
+    "quick": Budget(cases=28, shape=(48, 48, 48), patch=32, epochs=60, iters_per_epoch=None, min_size=32,
                     overrides=("train.val_every=10",)),
     # the serious CPU benchmark, about an hour
     "full": Budget(cases=40, shape=(64, 64, 64), patch=48, epochs=40, iters_per_epoch=None, min_size=48),
