@@ -35,7 +35,7 @@ BUDGETS = {
     # 28 phantoms: 17 train, 4 val, 7 test. 60 epochs of 17 steps at lr 1e-2 (demo_cpu.yaml), validated every
     # 10 epochs. At 50 epochs the val Dice was still climbing and one seed in five ended at full-subset WT
     # 0.79; 80 epochs lifted that seed to 0.86 (benchmarks/README.md, "Accuracy on phantoms"). 70 epochs
-    # took 15 min 45 s end to end on 2 idle cores (training 6:00 baseline, about 8:40 PASSION, steps of
+    # took 15 min 27 s end to end on 2 idle cores (training 6:00 baseline, 8:39 PASSION, steps of
     # 0.24 / 0.37 s plus 7 validations), over the 15 min the demo promises; 60 epochs took 10 min 59 s
     # (training 4:04 baseline, 6:13 PASSION).
     "quick": Budget(cases=28, shape=(48, 48, 48), patch=32, epochs=60, iters_per_epoch=None, min_size=32,
