@@ -97,3 +97,17 @@ def json_safe(obj):
     if isinstance(obj, list):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every complete record of a JSON-lines file ([] when absent); a line cut by a kill is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -2,7 +2,7 @@
 
     brats   RAW/<case>/<case>_<suffix>.nii.gz (BraTS 2020/2021: `_`, 2023: `-`), or flat files
     nnunet  nnU-Net v2 raw dataset: dataset.json {channel_names, labels, file_ending},
-            imagesTr/<case>_<XXXX><file_ending> (one file per channel), labelsTr/<case><file_ending>
+            imagesTr/<case>_<channel, 4 digits><file_ending> (one file per channel), labelsTr/<case><file_ending>
     msd     Medical Segmentation Decathlon task: dataset.json {modality, labels, training},
             imagesTr/<case>.nii.gz 4D with channels last, labelsTr/<case>.nii.gz
 
@@ -248,7 +248,7 @@ def _nnunet_cases(raw: Path, meta: dict, spec, channels, values, where: Path) ->
 
 
 def channel_files(images: Path, ending: str, where: Path, num_channels: int) -> dict[str, dict[int, Path]]:
-    """case -> {channel index: file} of an nnU-Net images folder (<case>_<XXXX><ending>)."""
+    """case -> {channel index: file} of an nnU-Net images folder (<case>_<channel, 4 digits><ending>)."""
     found: dict[str, dict[int, Path]] = {}
     pattern = re.compile(rf"^(.+)_(\d{{4}}){re.escape(ending)}$")
     for p in sorted(images.iterdir()):
@@ -383,7 +383,7 @@ def nnunet_test_cases(folder: str | Path, spec: DatasetSpec) -> list[CaseFiles] 
         channels = spec.modalities
     found = channel_files(images, ending, where, len(channels))
     if not found:
-        raise PassionError(f"{images}: no <case>_<XXXX>{ending} files")
+        raise PassionError(f"{images}: no <case>_<channel, 4 digits>{ending} files")
     return [CaseFiles(case, images, {channels[c]: p for c, p in sorted(files.items())})
             for case, files in sorted(found.items())]
 

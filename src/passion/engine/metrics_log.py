@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, read_jsonl
 
 log = logging.getLogger("passion.train")
 
@@ -19,16 +19,7 @@ FILE_NAME = "metrics.jsonl"
 
 def read_records(run_dir: str | Path) -> list[dict]:
     """Every complete record of a run's log ([] when there is none)."""
-    path = Path(run_dir) / FILE_NAME
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-    return out
+    return read_jsonl(Path(run_dir) / FILE_NAME)
 
 
 class MetricsLog:

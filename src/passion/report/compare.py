@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from ..utils import PassionError, atomic_write_text  # noqa: E402
+from ..utils import PassionError, atomic_write_text, read_jsonl  # noqa: E402
 
 REGIONS = ("WT", "TC", "ET")
 # per-modality loss terms the objectives log on every iteration (see passion.method.objective)
@@ -35,7 +35,7 @@ class RunRecord:
             raise PassionError(f"{self.dir}: no evaluation on split {split!r}; run `passion evaluate {self.dir}` first")
         self.config = yaml.safe_load(cfg_path.read_text())
         self.results = json.loads(res_path.read_text())
-        self.metrics = _read_jsonl(self.dir / "metrics.jsonl")
+        self.metrics = read_jsonl(self.dir / "metrics.jsonl")
         self.label = self._label()
         # the dataset's regions (BraTS: WT, TC, ET; MyoPS: LV, RV, MYO), without post-processed ones
         self.regions = tuple(r for r in self.results.get("regions", REGIONS) if not r.endswith("post")) or REGIONS
@@ -52,18 +52,6 @@ class RunRecord:
 
     def mean(self, kind: str) -> np.ndarray:
         return np.array([self.results["mean"][kind][r] for r in self.regions], dtype=float)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def _unique_labels(runs: list[RunRecord]) -> None:
