@@ -21,11 +21,17 @@ from pathlib import Path
 OBJECTIVES = ("baseline", "passion")
 
 
-def run_seed(out: str, seed: int, budget: str, model: str, dataset: str, overrides: list[str]) -> str:
-    from passion.demo import run_demo
+def run_seed(out: str, seed: int, budget: str, model: str, dataset: str, overrides: list[str],
+             cases: int | None = None) -> str:
+    from dataclasses import replace
+
+    from passion.demo import DATASET_BUDGETS, run_demo
 
     seed_out = Path(out) / f"seed_{seed}"
-    run_demo(seed_out, budget=budget, model=model, seed=seed, dataset=dataset, overrides=overrides,
+    chosen = DATASET_BUDGETS[dataset][budget]
+    if cases:  # more or fewer phantoms than the budget's (the split fractions stay the demo's)
+        chosen = replace(chosen, cases=cases)
+    run_demo(seed_out, budget=chosen, model=model, seed=seed, dataset=dataset, overrides=overrides,
              log=lambda msg: print(f"[seed {seed}] {msg}", file=sys.stderr, flush=True))
     return str(seed_out)
 
@@ -41,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", default="quick")
     ap.add_argument("--model", default="rfnet")
     ap.add_argument("--dataset", default="brats2020")
+    ap.add_argument("--cases", type=int, default=None,
+                    help="phantoms per seed instead of the budget's (split 60/15/25 as in the demo)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="seeds run in parallel; each job then uses train.threads = 2 // jobs (min 1)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
@@ -60,7 +68,7 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max(1, args.jobs)) as pool:
         seed_dirs = list(pool.map(run_seed, [str(out)] * len(seeds), seeds, [args.budget] * len(seeds),
                                   [args.model] * len(seeds), [args.dataset] * len(seeds),
-                                  [overrides] * len(seeds)))
+                                  [overrides] * len(seeds), [args.cases] * len(seeds)))
     seed_dirs = [Path(d) for d in seed_dirs]
     regions = region_names(get_spec(args.dataset))
     per_objective = {}
@@ -83,7 +91,7 @@ def main(argv=None) -> int:
     present = [training_description(d / "split")["present"] for d in seed_dirs]
     paired = paired_comparison([_results(d, "baseline") for d in seed_dirs],
                                [_results(d, "passion") for d in seed_dirs], regions, present)
-    result = {"budget": args.budget, "model": args.model, "dataset": args.dataset, "seeds": seeds,
+    result = {"budget": args.budget, "cases": args.cases, "model": args.model, "dataset": args.dataset, "seeds": seeds,
               "overrides": args.overrides, "objectives": per_objective,
               "passion_minus_baseline": paired, "seconds": round(time.time() - started, 1)}
     print(json.dumps(result, indent=2))
