@@ -17,9 +17,10 @@ import torch
 from fakes import FakeBackbone, random_batch
 from passion.config import ConfigError, ObjectiveConfig
 from passion.method import build_objective, list_objectives
-from passion.method.loss_balancers import DWAObjective
-from passion.method.ogm_ge import ogm_coefficients, ratio_to_others
-from passion.method.pmr import pmr_weights
+from passion.method.objectives.loss_balancers import DWAObjective
+from passion.method.objectives.ogm_ge import ogm_coefficients
+from passion.method.objectives.pmr import pmr_weights
+from passion.method.objectives.terms import ratio_to_others
 
 NAMES = ["flair", "t1ce", "t2"]
 COUNTS = [5, 3, 4]

@@ -11,7 +11,8 @@ import torch
 from fakes import FakeBackbone, random_batch
 from passion.config import ConfigError, ObjectiveConfig
 from passion.method import build_objective, flatten_stats, list_objectives
-from passion.method.objective import ObjectiveModule, available_pairs
+from passion.method.objectives import ObjectiveModule
+from passion.method.objectives.terms import available_pairs
 from passion.method.preference import (PreferenceState, availability_weights, epoch_relative_preference,
                                        grow_eta, preference_gate, relative_preference_sums, update_beta)
 from passion.utils import PassionError

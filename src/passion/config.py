@@ -64,7 +64,13 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
+    """`name` and `warmup_epochs` apply to every objective; each objective reads its hyper-parameters
+    into its own options dataclass (method/objectives/), checked by one parse_options: PASSION's
+    from the top-level keys below (as in the paper presets and saved runs), every other
+    objective's from `options` (e.g. objective.options.alpha for ogm_ge)."""
+
     name: str = "passion"
+    # PASSION's hyper-parameters (PassionOptions in method/objectives/passion.py)
     temperature: float = 4.0
     kl_weight: float = 0.5
     proto_weight: float = 0.1
@@ -73,8 +79,8 @@ class ObjectiveConfig:
     eta_growth_every: int = 100
     beta_min: float = 0.1
     beta_max: float = 4.0
-    warmup_epochs: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
+    warmup_epochs: int = 0  # epochs of single-modality losses only (every objective)
+    options: dict[str, Any] = field(default_factory=dict)  # the other objectives' hyper-parameters
 
 
 @dataclass

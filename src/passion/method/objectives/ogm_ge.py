@@ -34,35 +34,17 @@ Options (paper / reference defaults): alpha 0.1, modulation_starts 0, modulation
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from ..utils import PassionError
-from .loss_balancers import check_options, modality_sums, option, seg_terms, stats_of
-from .objective import ObjectiveOutput, Stats, _SegObjective, register_objective, scatter_pairs
+from ...utils import PassionError
+from .base import ModulationWindow, ObjectiveOutput, Objective, StatInfo, Stats, register_objective
+from .terms import (SEG_STATS, class_balanced_true_prob, modality_sums, ratio_to_others, scatter_pairs, seg_terms,
+                    stats_of)
 
-_NOISE_STREAM = 1_000_003  # separates the noise seeds of consecutive steps for different base seeds
-
-
-def class_balanced_true_prob(probs: Tensor, y: Tensor) -> Tensor:
-    """[P]: mean over the classes present in a sample of the mean probability of that class on its voxels."""
-    p, yy = probs.detach().float().flatten(2), y.float().flatten(2)
-    n = yy.sum(dim=2)  # [P, C]
-    per_class = (p * yy).sum(dim=2) / n.clamp_min(1.0)
-    present = (n > 0).float()
-    return (per_class * present).sum(dim=1) / present.sum(dim=1).clamp_min(1.0)
-
-
-def ratio_to_others(score: Tensor, seen: Tensor) -> Tensor:
-    """rho_m = score_m / mean(score_k, k != m seen); 1 where m is unseen or has no seen partner."""
-    score, seen = score.double(), seen.bool()
-    out = torch.ones_like(score)
-    for m in range(score.numel()):
-        others = seen.clone()
-        others[m] = False
-        if bool(seen[m]) and bool(others.any()):
-            out[m] = score[m] / score[others].mean().clamp_min(1e-12)
-    return out
+NOISE_STREAM = 1_000_003  # separates the noise seeds of consecutive steps for different base seeds
 
 
 def ogm_coefficients(ratio: Tensor, alpha: float) -> Tensor:
@@ -70,26 +52,34 @@ def ogm_coefficients(ratio: Tensor, alpha: float) -> Tensor:
     return torch.where(ratio > 1, 1.0 - torch.tanh(alpha * ratio), torch.ones_like(ratio)).float()
 
 
+@dataclass
+class OGMGEOptions(ModulationWindow):
+    alpha: float = 0.1
+    modulation_ends: int | None = 50
+    ge: bool = True  # false: plain OGM (no noise)
+    noise_seed: int = 0
+
+    def rules(self):
+        yield "alpha", self.alpha > 0, "must be > 0"
+        yield from super().rules()
+
+
 @register_objective("ogm_ge")
-class OGMGEObjective(_SegObjective):
+class OGMGEObjective(Objective):
     """Baseline loss + OGM-GE gradient modulation of the per-modality encoders (see module doc)."""
+
+    options_type = OGMGEOptions
+    stats = {**SEG_STATS,
+             "confidence": StatInfo("class-balanced true-class probability"),
+             "ratio": StatInfo("confidence ratio ρ to the other modalities"),
+             "ogm_coeff": StatInfo("encoder gradient scale k"),
+             "ge_noise_std": StatInfo("GE gradient noise std")}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        check_options(self.cfg, {"alpha", "modulation_starts", "modulation_ends", "ge", "noise_seed"}, "ogm_ge")
-        c = self.cfg
-        self.alpha = option(c, "alpha", 0.1, float, lambda v: v > 0, "must be > 0")
-        self.starts = option(c, "modulation_starts", 0, int, lambda v: v >= 0, "must be >= 0")
-        self.ends = option(c, "modulation_ends", 50, int, lambda v: v > self.starts,
-                           "must be > modulation_starts (or null for no end)")
-        self.ge = bool(option(c, "ge", True, boolean))
-        self.noise_seed = option(c, "noise_seed", 0, int)
         self.steps = 0  # modulated steps so far: the GE noise stream position
         self.coeff = torch.ones(self.num_modalities)
         self._active = False
-
-    def modulating(self, epoch: int) -> bool:
-        return epoch >= self.starts and (self.ends is None or epoch < self.ends)
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], epoch: int) -> ObjectiveOutput:
         terms = seg_terms(self, model, batch, epoch)
@@ -102,8 +92,8 @@ class OGMGEObjective(_SegObjective):
         seen = n > 0
         score = torch.where(seen, s / n.clamp_min(1.0), torch.zeros_like(s))
         ratio = ratio_to_others(score, seen)
-        self._active = self.modulating(epoch)
-        self.coeff = ogm_coefficients(ratio, self.alpha) if self._active else torch.ones(self.num_modalities)
+        self._active = self.options.modulating(epoch)
+        self.coeff = ogm_coefficients(ratio, self.options.alpha) if self._active else torch.ones(self.num_modalities)
 
         scalars = {"loss": loss, "fuse": terms.l_fuse, "aux": terms.l_aux}
         per_mod = {"sep": sep_m, "confidence": score.float(), "ratio": ratio.float(), "ogm_coeff": self.coeff}
@@ -118,7 +108,7 @@ class OGMGEObjective(_SegObjective):
             raise PassionError(f"ogm_ge needs the backbone to declare modality_parameters(m); "
                                f"{type(model).__name__} does not")
         gen = torch.Generator(device="cpu")
-        gen.manual_seed(self.noise_seed * _NOISE_STREAM + self.steps)
+        gen.manual_seed(self.options.noise_seed * NOISE_STREAM + self.steps)
         self.steps += 1
         noise_std = []
         for m in range(self.num_modalities):
@@ -130,13 +120,13 @@ class OGMGEObjective(_SegObjective):
                     continue
                 if k != 1.0:
                     g.mul_(k)
-                if self.ge and g.numel() > 1:
+                if self.options.ge and g.numel() > 1:
                     std = float(g.float().std()) + 1e-8
                     noise = torch.randn(g.shape, generator=gen, dtype=torch.float32) * std
                     g.add_(noise.to(device=g.device, dtype=g.dtype))
                     stds.append(std)
             noise_std.append(sum(stds) / len(stds) if stds else 0.0)
-        return {"ge_noise_std": self.per_modality(noise_std)} if self.ge else None
+        return {"ge_noise_std": self.per_modality(noise_std)} if self.options.ge else None
 
     def state_dict(self) -> dict:
         return {"steps": int(self.steps)}
@@ -144,12 +134,3 @@ class OGMGEObjective(_SegObjective):
     def load_state_dict(self, state: dict) -> None:
         self.steps = int(state.get("steps", 0))
 
-
-def boolean(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return value.lower() in ("true", "1", "yes")
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise ValueError(value)

@@ -15,9 +15,7 @@ What had to be adapted for segmentation with per-modality encoders and missing m
 - a modality absent from a whole epoch (DWA) or a batch (uncertainty) keeps its previous
   statistics instead of producing 0/0.
 
-This module also holds ``seg_terms``: the baseline's loss pieces (encode once, fuse with the
-actual mask, single-modality probabilities of the available pairs) shared by every balancer,
-so OGM-GE and PMR reuse exactly the baseline's losses.
+Both build on the baseline's loss pieces (``terms.seg_terms``).
 """
 from __future__ import annotations
 
@@ -27,103 +25,38 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
-from . import losses as L
-from .objective import (ObjectiveOutput, Stats, _probs, _SegObjective, available_pairs, register_objective,
-                        scatter_pairs)
-from .preference import AllReduce
+from ...config import ConfigError
+from .base import ObjectiveOutput, Objective, Options, StatInfo, Stats, register_objective
+from .terms import SEG_STATS, SegTerms, modality_sums, seg_terms, stats_of
 
+# the per-modality multipliers lambda[m] of L_sep[m], logged by both balancers
+LOSS_WEIGHT = StatInfo("loss weight λ")
 
-# ---------------------------------------------------------------- shared terms
 
 @dataclass
-class SegTerms:
-    """The baseline's pieces of one step; probs/y_pairs are per available pair (b_idx, m_idx)."""
+class DWAOptions(Options):
+    temperature: float = 2.0  # T of the softmax over loss ratios (paper: 2.0)
 
-    l_fuse: Tensor
-    l_aux: Tensor
-    sep_bm: Tensor  # [B, M] Seg(p_m, y), zeros for unavailable pairs
-    a: Tensor  # [B, M] float availability (all ones in pdt)
-    b_idx: Tensor
-    m_idx: Tensor
-    probs: Tensor  # [P, C, *] single-modality probabilities of the available pairs
-    y_pairs: Tensor  # [P, C, *] one-hot targets of those pairs
-    target: Tensor  # [B, *] class map
-    features: object  # passion.models.interface.Features
-    warmup: bool
-
-    @property
-    def sep_m(self) -> Tensor:
-        """[M] batch mean (over all B samples, like the baseline) of each modality's seg loss."""
-        return self.sep_bm.sum(dim=0) / self.sep_bm.shape[0]
+    def rules(self):
+        yield "temperature", self.temperature > 0, "must be > 0"
 
 
-def seg_terms(obj: _SegObjective, model: nn.Module, batch: dict[str, Tensor], epoch: int) -> SegTerms:
-    """Encode once; fuse with the actual mask (not in warm-up); single-modality seg losses."""
-    image, target, mask, a, features = obj._encode(model, batch)
-    b_idx, m_idx = available_pairs(a)
-    warm = obj.in_warmup(epoch)
-    fused = None if warm else model.fuse(features, mask)
-    y = L.one_hot(target, model.num_classes if fused is None else fused.logits.shape[1])
-    logits = model.decode_single(features, a)  # [B, M, C, *]
-    probs = _probs(logits[b_idx, m_idx])
-    y_pairs = y.index_select(0, b_idx)
-    sep_bm = scatter_pairs(L.seg_loss(probs, y_pairs), b_idx, m_idx, tuple(a.shape))
-    if fused is None:
-        l_fuse = l_aux = sep_bm.new_zeros(())
-    else:
-        l_fuse, l_aux = obj._fused(fused, y)
-    return SegTerms(l_fuse, l_aux, sep_bm, a.float(), b_idx, m_idx, probs, y_pairs, target, features, warm)
+@dataclass
+class UncertaintyOptions(Options):
+    momentum: float = 0.9  # of the loss EMA
+    min_weight: float = 0.1
+    max_weight: float = 10.0
+
+    def rules(self):
+        yield "momentum", 0 <= self.momentum < 1, "must be in [0, 1)"
+        yield "min_weight", self.min_weight > 0, "must be > 0"
+        yield "max_weight", self.max_weight >= self.min_weight, "must be >= min_weight"
 
 
-def modality_sums(values_bm: Tensor, a: Tensor, all_reduce: AllReduce) -> tuple[Tensor, Tensor]:
-    """All-reduced per-modality (sum over available samples, number of them): both [M] float64."""
-    both = torch.cat([(values_bm.detach().float() * a).sum(dim=0), a.sum(dim=0)]).double()
-    both = all_reduce(both)
-    m = values_bm.shape[1]
-    return both[:m].cpu(), both[m:].cpu()
-
-
-def stats_of(scalars: dict[str, Tensor], per_mod: dict[str, Tensor], names: list[str]) -> Stats:
-    """One device->host copy for all logged values; per-modality maps keyed by modality name."""
-    keys = list(scalars) + list(per_mod)
-    flat = torch.cat([torch.stack([scalars[k].detach().float().reshape(()) for k in scalars]).cpu()]
-                     + [per_mod[k].detach().float().cpu().reshape(-1) for k in per_mod])
-    vals = flat.tolist()
-    stats: Stats = {k: vals[i] for i, k in enumerate(scalars)}
-    pos = len(scalars)
-    for k in keys[len(scalars):]:
-        stats[k] = {n: vals[pos + j] for j, n in enumerate(names)}
-        pos += len(names)
-    return stats
-
-
-def option(cfg, key: str, default, kind=float, check=None, what: str = ""):
-    """objective.options[key] with a default, converted and validated with one-line errors."""
-    opts = cfg.options or {}
-    if not isinstance(opts, dict):
-        raise ConfigError(f"objective.options must be a mapping, got {type(opts).__name__}")
-    value = opts.get(key, default)
-    if value is None:
-        return None
-    try:
-        value = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"objective.options.{key} must be {kind.__name__}, got {value!r}") from None
-    if check is not None and not check(value):
-        raise ConfigError(f"objective.options.{key} {what}, got {value!r}")
-    return value
-
-
-def check_options(cfg, known: set[str], name: str) -> None:
-    unknown = sorted(set(cfg.options or {}) - known)
-    if unknown:
-        raise ConfigError(f"objective {name!r} has no option(s) {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(known))}")
-
-
-class _WeightedSepObjective(_SegObjective):
+class WeightedSepObjective(Objective):
     """L = L_fuse + L_aux + sum_m lambda[m] L_sep[m] with lambda from `sep_weights` (a [M] tensor)."""
+
+    stats = {**SEG_STATS, "loss_weight": LOSS_WEIGHT}
 
     def sep_weights(self, terms: SegTerms, epoch: int) -> Tensor:
         return torch.ones(self.num_modalities)
@@ -144,7 +77,7 @@ class _WeightedSepObjective(_SegObjective):
 # ---------------------------------------------------------------- DWA
 
 @register_objective("dwa")
-class DWAObjective(_WeightedSepObjective):
+class DWAObjective(WeightedSepObjective):
     """Dynamic Weight Average (Liu, Johns, Davison, "End-to-End Multi-Task Learning with
     Attention", CVPR 2019) over the per-modality losses.
 
@@ -160,10 +93,11 @@ class DWAObjective(_WeightedSepObjective):
     history), so a resumed run applies the same weights.
     """
 
+    options_type = DWAOptions
+    stats = {**WeightedSepObjective.stats, "epoch_sep": StatInfo("epoch-mean sep loss over the cases having it")}
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        check_options(self.cfg, {"temperature"}, "dwa")
-        self.temperature = option(self.cfg, "temperature", 2.0, float, lambda v: v > 0, "must be > 0")
         self.history: list[list[float]] = []  # epoch-mean losses, last two epochs (nan: not seen)
         self.lam = torch.ones(self.num_modalities)
         self._reset()
@@ -200,7 +134,7 @@ class DWAObjective(_WeightedSepObjective):
         s, n = both[:m], both[m:]
         mean = torch.where(n > 0, s / n.clamp_min(1.0), torch.full_like(s, float("nan")))
         self.history = (self.history + [mean.tolist()])[-2:]
-        self.lam = self.weights_from_history(self.history, self.temperature)
+        self.lam = self.weights_from_history(self.history, self.options.temperature)
         self._reset()
         return {"loss_weight": self.per_modality(self.lam.tolist()),
                 "epoch_sep": self.per_modality([v if math.isfinite(v) else 0.0 for v in mean.tolist()])}
@@ -221,7 +155,7 @@ class DWAObjective(_WeightedSepObjective):
 # ---------------------------------------------------------------- uncertainty weighting
 
 @register_objective("uncertainty")
-class UncertaintyObjective(_WeightedSepObjective):
+class UncertaintyObjective(WeightedSepObjective):
     """Homoscedastic uncertainty weighting (Kendall, Gal, Cipolla, "Multi-Task Learning Using
     Uncertainty to Weigh Losses for Scene Geometry and Semantics", CVPR 2018), closed-form variant.
 
@@ -240,13 +174,11 @@ class UncertaintyObjective(_WeightedSepObjective):
     Options: momentum (EMA, 0.9), min_weight (0.1), max_weight (10.0).
     """
 
+    options_type = UncertaintyOptions
+    stats = {**WeightedSepObjective.stats, "log_var": StatInfo("log-variance s = log EMA(sep loss)")}
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        check_options(self.cfg, {"momentum", "min_weight", "max_weight"}, "uncertainty")
-        self.momentum = option(self.cfg, "momentum", 0.9, float, lambda v: 0 <= v < 1, "must be in [0, 1)")
-        self.min_weight = option(self.cfg, "min_weight", 0.1, float, lambda v: v > 0, "must be > 0")
-        self.max_weight = option(self.cfg, "max_weight", 10.0, float, lambda v: v >= self.min_weight,
-                                 "must be >= min_weight")
         self.ema = torch.full((self.num_modalities,), float("nan"), dtype=torch.float64)
 
     def log_var(self) -> Tensor:
@@ -255,7 +187,7 @@ class UncertaintyObjective(_WeightedSepObjective):
         return s.float()
 
     def current_weights(self) -> Tensor:
-        lo, hi = math.log(1 / self.max_weight), math.log(1 / self.min_weight)
+        lo, hi = math.log(1 / self.options.max_weight), math.log(1 / self.options.min_weight)
         return torch.exp(-self.log_var().clamp(lo, hi))
 
     def sep_weights(self, terms: SegTerms, epoch: int) -> Tensor:
@@ -264,7 +196,7 @@ class UncertaintyObjective(_WeightedSepObjective):
         seen = n > 0
         batch_mean = s / n.clamp_min(1.0)
         first = seen & ~torch.isfinite(self.ema)
-        upd = self.momentum * self.ema + (1 - self.momentum) * batch_mean
+        upd = self.options.momentum * self.ema + (1 - self.options.momentum) * batch_mean
         self.ema = torch.where(first, batch_mean, torch.where(seen, upd, self.ema))
         return lam
 

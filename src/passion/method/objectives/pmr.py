@@ -39,16 +39,17 @@ modulation_starts 0, modulation_ends null (never stop).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError
-
-from . import losses as L
-from .loss_balancers import check_options, modality_sums, option, seg_terms, stats_of
-from .objective import ObjectiveOutput, _SegObjective, register_objective, scatter_pairs
-from .ogm_ge import class_balanced_true_prob, ratio_to_others
+from ...config import ConfigError
+from .. import losses as L
+from .base import ModulationWindow, ObjectiveOutput, Objective, StatInfo, register_objective
+from .terms import (SEG_STATS, SegTerms, class_balanced_true_prob, modality_sums, ratio_to_others, scatter_pairs,
+                    seg_terms, stats_of)
 
 DIST_EPS = 1e-6  # inside the sqrt: finite gradient at zero distance
 
@@ -83,35 +84,44 @@ def pmr_weights(ratio: Tensor, alpha: float, weighting: str = "ratio") -> Tensor
     return torch.where(weak, w, torch.zeros_like(w)).float()
 
 
+@dataclass
+class PMROptions(ModulationWindow):
+    alpha: float = 1.0
+    momentum: float = 0.2  # of the prototype EMA (the reference's momentum_coef)
+    feature_scale: int = 0  # encoder scale of the prototype features (0: the finest)
+    weighting: str = "ratio"  # ratio | constant
+
+    def rules(self):
+        yield "alpha", self.alpha > 0, "must be > 0"
+        yield "momentum", 0 < self.momentum <= 1, "must be in (0, 1]"
+        yield "feature_scale", self.feature_scale >= 0, "must be >= 0"
+        yield "weighting", self.weighting in ("ratio", "constant"), "must be ratio or constant"
+        yield from super().rules()
+
+
 @register_objective("pmr")
-class PMRObjective(_SegObjective):
+class PMRObjective(Objective):
     """Baseline loss + prototypical cross-entropy on the weaker modalities (see module doc)."""
+
+    options_type = PMROptions
+    stats = {**SEG_STATS,
+             "pce_total": StatInfo("weighted prototypical cross-entropy"),
+             "pce": StatInfo("prototypical cross-entropy"),
+             "proto_score": StatInfo("prototype true-class probability"),
+             "ratio": StatInfo("confidence ratio ρ to the other modalities"),
+             "pmr_weight": StatInfo("weight of the prototypical cross-entropy")}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        check_options(self.cfg, {"alpha", "momentum", "feature_scale", "weighting", "modulation_starts",
-                                 "modulation_ends"}, "pmr")
-        c = self.cfg
-        self.alpha = option(c, "alpha", 1.0, float, lambda v: v > 0, "must be > 0")
-        self.momentum = option(c, "momentum", 0.2, float, lambda v: 0 < v <= 1, "must be in (0, 1]")
-        self.feature_scale = option(c, "feature_scale", 0, int, lambda v: v >= 0, "must be >= 0")
-        self.weighting = option(c, "weighting", "ratio", str, lambda v: v in ("ratio", "constant"),
-                                "must be ratio or constant")
-        self.starts = option(c, "modulation_starts", 0, int, lambda v: v >= 0, "must be >= 0")
-        self.ends = option(c, "modulation_ends", None, int, lambda v: v > self.starts,
-                           "must be > modulation_starts (or null for no end)")
         self.protos: Tensor | None = None  # [M, C, F] float32 on CPU
         self.seen: Tensor | None = None  # [M, C] bool
 
-    def modulating(self, epoch: int) -> bool:
-        return epoch >= self.starts and (self.ends is None or epoch < self.ends)
-
-    def _features(self, terms) -> tuple[Tensor, Tensor]:
+    def _features(self, terms: SegTerms) -> tuple[Tensor, Tensor]:
         scales = terms.features.scales
-        if self.feature_scale >= len(scales):
-            raise ConfigError(f"objective.options.feature_scale {self.feature_scale} but the backbone has "
+        if self.options.feature_scale >= len(scales):
+            raise ConfigError(f"objective.options.feature_scale {self.options.feature_scale} but the backbone has "
                              f"{len(scales)} encoder scales")
-        feats = scales[self.feature_scale][terms.b_idx, terms.m_idx]  # [P, F, *]
+        feats = scales[self.options.feature_scale][terms.b_idx, terms.m_idx]  # [P, F, *]
         tgt = L.target_at(terms.target, feats.shape[2:]).index_select(0, terms.b_idx)
         y = L.one_hot(tgt, terms.y_pairs.shape[1])
         return feats.float().flatten(2), y.flatten(2)
@@ -153,12 +163,12 @@ class PMRObjective(_SegObjective):
         seen_m = n > 0
         score_m = torch.where(seen_m, s / n.clamp_min(1.0), torch.zeros_like(s))
         ratio = ratio_to_others(score_m, seen_m)
-        weight = pmr_weights(ratio, self.alpha, self.weighting) if self.modulating(epoch) \
+        weight = pmr_weights(ratio, self.options.alpha, self.options.weighting) if self.options.modulating(epoch) \
             else torch.zeros(self.num_modalities)
 
         # EMA update after the prototypes of this step were used
         upd = has & ~first
-        ema = (1 - self.momentum) * self.protos + self.momentum * batch_means
+        ema = (1 - self.options.momentum) * self.protos + self.options.momentum * batch_means
         self.protos = torch.where(upd[:, :, None], ema, self.protos)
 
         l_pce = (weight.to(dev) * ce_m).sum()
