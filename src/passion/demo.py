@@ -6,7 +6,7 @@ continues where it stopped (training resumes from its last checkpoint).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import load_config
@@ -76,9 +76,7 @@ def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", mode
     from .data.preprocess import prepare_dataset
     from .data.splits import make_split
     from .data.synthetic import synthesize_dataset
-    from .engine.compare import training_finished
-    from .engine.evaluate import evaluate
-    from .engine.trainer import train
+    from .engine.compare import ensure_run
     from .report.compare import write_comparison_report
 
     dataset = dataset.lower()
@@ -96,8 +94,6 @@ def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", mode
     rates_name, rates = DATASET_RATES[dataset]
     patch = f"{b.patch}"
     if spec.spatial_dims == 2:
-        from dataclasses import replace
-
         from .data.synthetic_myops import synthesize_dataset as synthesize_cardiac
 
         spec = replace(spec, crop_size=(b.min_size, b.min_size))
@@ -116,27 +112,18 @@ def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", mode
         make_split(cache, split, val=0.15, test=0.25, seed=seed,
                    missing_rates=[rates[m] for m in spec.modalities], force=False)
 
+    settings = [f"data.cache={cache}", f"data.split={split}", f"model.name={model}", f"model.patch_size={patch}",
+                f"train.epochs={b.epochs}", f"train.seed={seed}"]
+    if b.iters_per_epoch:
+        settings.append(f"train.iters_per_epoch={b.iters_per_epoch}")
+    # the budget's overrides win over the demo's settings, the caller's over both (e.g. train.epochs)
+    shared = load_config(DEMO_CONFIG, settings + list(b.overrides) + list(overrides or []))
     runs = []
     for step, objective in ((4, "baseline"), (5, "passion")):
-        run_dir = out / objective
-        run_overrides = [
-            f"run_dir={run_dir}", f"data.cache={cache}", f"data.split={split}", f"model.name={model}",
-            f"model.patch_size={patch}", f"objective.name={objective}", f"train.epochs={b.epochs}",
-            f"train.seed={seed}",
-        ]
-        if b.iters_per_epoch:
-            run_overrides.append(f"train.iters_per_epoch={b.iters_per_epoch}")
-        cfg = load_config(DEMO_CONFIG, run_overrides + list(b.overrides) + list(overrides or []))
-        if not training_finished(run_dir, cfg.train.epochs):  # the caller's overrides may change the budget's
-            resume = (run_dir / "checkpoints" / "last.pt").is_file()
-            log(f"[{step}/6] training {model} with the {objective} objective ({cfg.train.epochs} epochs)"
-                + (" - resuming" if resume else ""))
-            train(cfg, resume=resume)
-        results = run_dir / "eval" / "test" / "results.json"
-        if not results.is_file():
-            log(f"      evaluating {objective} on the held-out cases over all {len(spec.subsets())} subsets")
-            evaluate(run_dir, split="test")
-        runs.append(run_dir)
+        cfg = replace(shared, run_dir=str(out / objective), objective=replace(shared.objective, name=objective))
+        runs.append(ensure_run(cfg, "test", log=log, say={
+            "train": f"[{step}/6] training {model} with the {objective} objective ({cfg.train.epochs} epochs)",
+            "evaluate": f"      evaluating {objective} on the held-out cases over all {len(spec.subsets())} subsets"}))
 
     log("[6/6] writing the comparison report")
     report = write_comparison_report(runs, out / "report")

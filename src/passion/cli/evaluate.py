@@ -31,13 +31,14 @@ def evaluate(
     """Dice and HD95 (WT/TC/ET/ETpost) of every case for every modality subset."""
     from ..engine.evaluate import evaluate as run_evaluation
     from ..report.tables import subset_table
+    from ..run_dir import RESULTS_FILE, RunDir
 
     res = run_evaluation(run_dir, checkpoint=checkpoint, split=split, subsets=subsets, overlap=overlap,
                          precision=precision, device=device, out_dir=out, progress=show_progress, cache=cache,
                          subset_chunk=subset_chunk, fuse_batch=fuse_batch, overwrite=overwrite)
     typer.echo(subset_table(res))
-    dest = out or Path(res["run_dir"]) / "eval" / res["split"]
-    typer.echo(f"results: {dest}/results.json (table: results.md, heatmap: heatmap.png, per case: per_case.csv, "
+    dest = out or RunDir(res["run_dir"]).eval_dir(res["split"])
+    typer.echo(f"results: {dest / RESULTS_FILE} (table: results.md, heatmap: heatmap.png, per case: per_case.csv, "
                "slices for the report's overlays: overlay_cases.npz)")
 
 

@@ -1,12 +1,14 @@
 """`passion train`: train from a YAML config, or resume a run directory."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..config import load_config
+from ..run_dir import RunDir
 from ..utils import PassionError
 from . import app
 
@@ -24,10 +26,10 @@ def train(
     if resume is not None:
         if config is not None:
             raise PassionError("give either --config or --resume, not both (a resumed run uses its saved config)")
-        saved = resume / "config.yaml"
+        saved = RunDir(resume).config
         if not saved.is_file():
             raise PassionError(f"cannot resume: {saved} does not exist")
-        cfg = load_config(saved, list(set_) + [f"run_dir={resume}"])
+        cfg = replace(load_config(saved, list(set_)), run_dir=str(resume))  # the run stays where it is
     else:
         if config is None:
             raise PassionError("--config is required (e.g. configs/demo_cpu.yaml), or --resume RUN_DIR")

@@ -8,68 +8,19 @@ keep `persistent_workers=False` (the default) so every epoch's workers see the n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import SETTINGS
 from ..utils import PassionError
 from .augment import AugmentConfig, augment_patch
-from .cache import read_case, read_index
+from .availability import (  # noqa: F401  (availability_counts, effective_mask: re-exported)
+    MaskRows, TrainingAvailability, availability_counts, cache_availability, check_cases_in_cache, check_setting,
+    drop_choices, effective_mask, split_mask_rows, training_availability)
+from .cache import read_case
 from .spec import DatasetSpec, Mask
-
-
-def _cache_availability(cache: str | Path, spec: DatasetSpec) -> dict[str, Mask]:
-    index = read_index(cache)
-    return {c["name"]: tuple(bool(v) for v in c.get("available", [True] * spec.num_modalities))
-            for c in index.get("cases", [])}
-
-
-def _check_names(cache: str | Path, names: Sequence[str], known: Mapping[str, Mask]) -> None:
-    if not names:
-        raise PassionError("no cases given to the dataset")
-    for n in names:
-        if n not in known:
-            raise PassionError(f"case {n!r} is not in cache {cache} (run `passion prepare` first)")
-
-
-def _sub_subsets(mask: Mask, spec: DatasetSpec) -> list[Mask]:
-    """Non-empty subsets of `mask`, in the reference order."""
-    return [s for s in spec.subsets() if all(mask[m] or not on for m, on in enumerate(s))]
-
-
-def effective_mask(split_mask: Sequence[bool] | None, available: Sequence[bool]) -> Mask:
-    """A modality is usable only if the split keeps it AND its file exists; never empty."""
-    avail = tuple(bool(v) for v in available)
-    if split_mask is None:
-        return avail
-    both = tuple(bool(a) and b for a, b in zip(split_mask, avail))
-    return both if any(both) else avail
-
-
-def availability_counts(masks: Mapping[str, Sequence[bool]] | Sequence[Sequence[bool]],
-                        setting: str = "idt", require_all: bool = False,
-                        modalities: Sequence[str] | None = None) -> list[int]:
-    """n[m] = number of training cases having modality m (pdt: every case has every modality).
-
-    `require_all` turns n[m] == 0 into a PassionError (the inverse weight N/n[m] would divide by zero).
-    """
-    rows = list(masks.values()) if isinstance(masks, Mapping) else list(masks)
-    if not rows:
-        raise PassionError("no training masks to count modalities in")
-    num = len(rows[0])
-    if setting == "pdt":
-        counts = [len(rows)] * num
-    else:
-        counts = [sum(bool(r[m]) for r in rows) for m in range(num)]
-    if require_all:
-        for m, c in enumerate(counts):
-            if c == 0:
-                name = modalities[m] if modalities else f"#{m}"
-                raise PassionError(f"modality {name} is present in no training case; cannot weight it by 1/n")
-    return counts
 
 
 # Foreground voxels remembered per case and class for oversampling (a subsample is plenty).
@@ -105,14 +56,13 @@ class TrainDataset(Dataset):
     a 2D patch: [M, h, w]; a subject (not a slice) is the unit of the split and of an epoch."""
 
     def __init__(self, cache: str | Path, case_names: Sequence[str],
-                 masks: Mapping[str, Sequence[bool]] | Sequence[Sequence[bool]] | None = None,
+                 masks: TrainingAvailability | MaskRows | None = None,
                  setting: str = "idt", patch_size: Sequence[int] = (80, 80, 80), augment: bool = True,
                  seed: int = 1037, spec: DatasetSpec | None = None,
                  augment_config: AugmentConfig | None = None, foreground_fraction: float = 0.0) -> None:
-        if setting not in SETTINGS:
-            raise PassionError(f"unknown training setting {setting!r}; expected one of {', '.join(SETTINGS)}")
         from .cache import read_spec
 
+        check_setting(setting)
         self.cache = Path(cache)
         self.spec = spec or read_spec(cache)
         self.names = list(case_names)
@@ -125,34 +75,24 @@ class TrainDataset(Dataset):
             raise PassionError(f"foreground_fraction must be in [0, 1], got {foreground_fraction!r}")
         self.foreground_fraction = float(foreground_fraction)
         self._locations: dict[str, dict[int, np.ndarray]] = {}
-        genuine = _cache_availability(cache, self.spec)
-        _check_names(cache, self.names, genuine)
-        if setting == "pdt":
-            incomplete = [n for n in self.names if not all(genuine[n])]
-            if incomplete:
-                raise PassionError(f"data.setting=pdt trains on complete cases, but {incomplete[0]!r} "
-                                   f"({len(incomplete)} cases in all) lacks a modality file; use idt or idt_drop")
-        split_masks = self._split_masks(masks)
-        self.masks: list[Mask] = [effective_mask(split_masks[i], genuine[n]) for i, n in enumerate(self.names)]
-        self._choices = [_sub_subsets(m, self.spec) for m in self.masks]
+        self.availability = self._resolve(masks)
+        self.masks: list[Mask] = list(self.availability.masks)
+        self._choices = [drop_choices(m, self.spec) for m in self.masks]
 
-    def _split_masks(self, masks) -> list[Mask | None]:
-        """pdt ignores split masks; None means 'whatever files exist' (no missing-rate table)."""
-        if self.setting == "pdt" or masks is None:
-            return [None] * len(self.names)
-        if isinstance(masks, Mapping):
-            absent = [n for n in self.names if n not in masks]
-            if absent:
-                raise PassionError(f"case {absent[0]!r} has no mask in the split ({len(absent)} cases without)")
-            rows = [masks[n] for n in self.names]
-        else:
-            rows = list(masks)
-            if len(rows) != len(self.names):
-                raise PassionError(f"{len(rows)} masks for {len(self.names)} cases")
-        for n, r in zip(self.names, rows):
-            if len(r) != self.spec.num_modalities or not any(r):
-                raise PassionError(f"case {n!r}: mask {list(r)} is not a non-empty subset of {self.spec.num_modalities} modalities")
-        return [tuple(bool(v) for v in r) for r in rows]
+    def _resolve(self, masks: TrainingAvailability | MaskRows | None) -> TrainingAvailability:
+        """Each case's mask (data/availability.py); the trainer passes it resolved, so the cache
+        index is not read a second time. pdt ignores split masks; None means 'whatever files exist'."""
+        if isinstance(masks, TrainingAvailability):
+            if masks.names != tuple(self.names) or masks.setting != self.setting:
+                raise PassionError(f"the availability given is for {masks.setting} and {len(masks.names)} cases, "
+                                   f"not for {self.setting} and these {len(self.names)}")
+            return masks
+        genuine = cache_availability(self.cache, self.spec)
+        check_cases_in_cache(self.cache, self.names, genuine)
+        rows = None
+        if self.setting != "pdt" and masks is not None:
+            rows = split_mask_rows(self.names, masks, self.spec.num_modalities)
+        return training_availability(genuine, self.names, rows, self.setting, self.spec.modalities)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose random draws __getitem__ reproduces."""
@@ -160,7 +100,7 @@ class TrainDataset(Dataset):
 
     def availability_counts(self, require_all: bool = False) -> list[int]:
         """n[m] over this dataset's effective masks (pdt: the full count)."""
-        return availability_counts(self.masks, self.setting, require_all, self.spec.modalities)
+        return self.availability.counts(require_all)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -225,8 +165,8 @@ class EvalDataset(Dataset):
         self.cache = Path(cache)
         self.spec = spec or read_spec(cache)
         self.names = list(case_names)
-        self.available = _cache_availability(cache, self.spec)
-        _check_names(cache, self.names, self.available)
+        self.available = cache_availability(cache, self.spec)
+        check_cases_in_cache(cache, self.names, self.available)
 
     def __len__(self) -> int:
         return len(self.names)

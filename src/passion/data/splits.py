@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..utils import PassionError, atomic_path, atomic_write_json, atomic_write_text
+from .availability import availability_counts, genuine_availability, require_every_modality, respect_genuine, within
 from .missing_rates import (  # noqa: F401  (re-exported: the split API in one place)
     allocate_masks, check_missing_rates, describe_split, nominal_from_reference_name, parse_missing_rates,
     rate_warnings, subset_counts_nominal, uses_reference_allocation)
@@ -51,9 +52,7 @@ class Split:
 
 def pos_mask_ids(mask: Sequence[bool], spec: DatasetSpec) -> tuple[int, ...]:
     """Ids of every non-empty subset reachable from `mask` by dropping modalities (idt_drop)."""
-    mask = tuple(bool(v) for v in mask)
-    return tuple(i for i, sub in enumerate(spec.subsets())
-                 if all(mask[m] or not on for m, on in enumerate(sub)))
+    return tuple(i for i, sub in enumerate(spec.subsets()) if within(sub, mask))
 
 
 def make_row(name: str, mask: Sequence[bool], spec: DatasetSpec) -> MissingRow:
@@ -101,16 +100,9 @@ def imbalanced_missing_split(case_names: Sequence[str], missing_rates: Sequence[
     for name, k in zip(names, order):
         mask = masks[k]
         if genuinely_available is not None and name in genuinely_available:
-            mask = _respect_genuine(mask, genuinely_available[name])
+            mask = respect_genuine(mask, genuinely_available[name])
         rows.append(make_row(name, mask, spec))
     return rows
-
-
-def _respect_genuine(mask: Mask, available: Sequence[bool]) -> Mask:
-    """Genuinely missing files cannot be made present; fall back to what exists if nothing is left."""
-    avail = tuple(bool(v) for v in available)
-    both = tuple(a and b for a, b in zip(mask, avail))
-    return both if any(both) else avail
 
 
 # --------------------------------------------------------------------------- CSV IO
@@ -261,7 +253,7 @@ def _case_list_text(names: Sequence[str]) -> str:
 
 # --------------------------------------------------------------------------- make / load
 
-def _cases_from_cache(cache: Path) -> tuple[DatasetSpec, list[str], dict[str, list[bool]]]:
+def _cases_from_cache(cache: Path) -> tuple[DatasetSpec, list[str], dict[str, Mask]]:
     from .cache import read_index
 
     index = read_index(cache)
@@ -270,16 +262,7 @@ def _cases_from_cache(cache: Path) -> tuple[DatasetSpec, list[str], dict[str, li
     if not cases:
         raise PassionError(f"{cache}: the cache has no cases")
     names = [c["name"] for c in cases]
-    avail = {c["name"]: [bool(v) for v in c.get("available", [True] * spec.num_modalities)] for c in cases}
-    return spec, names, avail
-
-
-def _check_present(rows: Sequence[MissingRow], spec: DatasetSpec) -> None:
-    for i, mod in enumerate(spec.modalities):
-        if not any(r.mask[i] for r in rows):
-            raise PassionError(
-                f"modality {mod} is present in no training case (missing rate or genuinely missing files); "
-                "lower its missing rate or add cases")
+    return spec, names, genuine_availability(index, spec.num_modalities)
 
 
 def _refuse_existing(out: Path, force: bool) -> None:
@@ -311,7 +294,8 @@ def make_split(cache_or_cases: str | Path | Sequence[str], out_dir: str | Path, 
     rates = check_missing_rates(missing_rates if missing_rates is not None else [0.0] * spec.num_modalities, spec)
     train, val_names, test_names = train_val_test_split(names, val, test, seed)
     rows = imbalanced_missing_split(train, rates, seed, spec, genuine)
-    _check_present(rows, spec)
+    require_every_modality(availability_counts([r.mask for r in rows]), spec.modalities,
+                           " (missing rate or genuinely missing files); lower its missing rate or add cases")
     info = {
         "format": "passion-split", "version": 1, "seed": seed, "source": source,
         "fractions": {"val": val, "test": test},

@@ -14,14 +14,15 @@ A checkpoint is a plain dict of tensors and JSON-like values, so it loads with
 "preprocess" is the training cache's grid and crop (data/cache.py preprocess_record), which `predict`
 repeats; checkpoints without it fall back to the config's cache, then to each input's native grid.
 
-`last.pt` is the newest state; `best.pt` the state with the highest validation score so far.
+`last.pt` is the newest state; `best.pt` the state with the highest validation score so far (their paths:
+run_dir.py). `load_for_inference` is where evaluate and predict start: a run's model ready to predict.
 """
 from __future__ import annotations
 
 import pickle
 import random
-import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 
 from ..config import Config, config_from_dict
 from ..data.spec import DatasetSpec
+from ..run_dir import RunDir
 from ..utils import PassionError, atomic_path
 
 FORMAT = "passion-checkpoint"
@@ -76,16 +78,6 @@ def preprocess_of(ckpt: dict) -> dict:
             "orientation": record.get("orientation")}
 
 
-def discard_previous_run(run_dir: str | Path) -> None:
-    """`train --force`: remove what an earlier run left (checkpoints, evaluations of its model,
-    TensorBoard events, log), so that no best.pt or epoch_N.pt of the old model passes for the new one."""
-    run_dir = Path(run_dir)
-    for name in ("checkpoints", "eval", "tensorboard"):
-        if (run_dir / name).is_dir():
-            shutil.rmtree(run_dir / name)
-    (run_dir / "train.log").unlink(missing_ok=True)
-
-
 def resolve_checkpoint(run_or_ckpt: str | Path, which: str = "last") -> Path:
     """`which` is 'last', 'best', an epoch number, or a path; run_or_ckpt a run dir or a file."""
     p = Path(run_or_ckpt)
@@ -93,14 +85,74 @@ def resolve_checkpoint(run_or_ckpt: str | Path, which: str = "last") -> Path:
         return p
     if which and Path(which).is_file():
         return Path(which)
-    name = f"epoch_{int(which):04d}.pt" if str(which).isdigit() else f"{which}.pt"
-    cand = p / "checkpoints" / name
-    if not cand.is_file() and name == "best.pt" and p.is_dir():
-        raise PassionError(f"no checkpoint best.pt in {p / 'checkpoints'}: the run never validated (no val cases "
+    run = RunDir(p)
+    cand = run.checkpoint(which)
+    if not cand.is_file() and cand == run.best and p.is_dir():
+        raise PassionError(f"no checkpoint {cand.name} in {run.checkpoints}: the run never validated (no val cases "
                            f"in its split, train.val_cases=0, or trained before validation); use --checkpoint last")
     if not cand.is_file():
-        raise PassionError(f"no checkpoint {name} in {p / 'checkpoints'}")
+        raise PassionError(f"no checkpoint {cand.name} in {run.checkpoints}")
     return cand
+
+
+def load_model(run_dir: str | Path, checkpoint: str = "last", device="cpu"):
+    """(model, cfg, spec, ckpt dict, checkpoint path) for a run dir or a checkpoint file."""
+    path = resolve_checkpoint(run_dir, str(checkpoint))
+    try:
+        ckpt = load_checkpoint(path)
+    except PassionError:
+        raise
+    except Exception as exc:  # the unpickler raises e.g. KeyError on arbitrary bytes
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise PassionError(f"{path}: not a readable passion checkpoint ({type(exc).__name__} {first[:120]})") from None
+    try:
+        model, cfg, spec = model_from_checkpoint(ckpt, device=device)
+    except PassionError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PassionError(f"{path}: cannot rebuild the model of this checkpoint ({first[:200]})") from None
+    return model, cfg, spec, ckpt, path
+
+
+@dataclass
+class InferenceSetup:
+    """A trained model ready to predict, with what it was trained on and how to run it."""
+    model: torch.nn.Module  # on `device`, in eval mode
+    cfg: Config
+    spec: DatasetSpec
+    ckpt: dict
+    checkpoint: Path
+    run: RunDir
+    device: torch.device
+    precision: str
+    overlap: float
+
+    @property
+    def preprocess(self) -> dict:
+        return preprocess_of(self.ckpt)
+
+
+def load_for_inference(run_or_ckpt: str | Path, checkpoint: str = "last", *, device: str | None = None,
+                       precision: str | None = None, overlap: float | None = None,
+                       warn_precision: bool = True) -> InferenceSetup:
+    """The model of a run dir or checkpoint file on its device (argument, else the run's config), the
+    host configured as the run's config says, and the precision and sliding-window overlap to use
+    (argument, else the config's)."""
+    from .inference import inference_precision
+    from .runtime import configure_host, resolve_device, warn_if_slow_precision
+
+    model, cfg, spec, ckpt, path = load_model(run_or_ckpt, checkpoint, device="cpu")
+    dev = resolve_device(device or cfg.train.device)
+    configure_host(cfg.train.threads, cfg.train.reuse_freed_memory)
+    model = model.to(dev)
+    precision = inference_precision(precision, cfg.train.precision, dev)
+    if warn_precision:
+        warn_if_slow_precision(dev, precision)
+    overlap = cfg.eval.overlap if overlap is None else float(overlap)
+    if not 0 <= overlap < 1:
+        raise PassionError(f"overlap must be in [0, 1), got {overlap}")
+    return InferenceSetup(model, cfg, spec, ckpt, path, RunDir.of(run_or_ckpt), dev, precision, overlap)
 
 
 def model_from_checkpoint(ckpt: dict, device="cpu"):

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
-from ..config import ConfigError, load_config
+from ..config import Config, ConfigError, load_config
+from ..run_dir import RunDir
 from ..utils import PassionError, atomic_write_text
 
 
@@ -38,19 +40,31 @@ def run_name(objective: str, seed: int) -> str:
     return f"{objective}_s{seed}"
 
 
-def training_finished(run_dir: Path, epochs: int) -> bool:
-    """True when the run's last checkpoint exists and metrics.jsonl records its last epoch."""
-    last, metrics = run_dir / "checkpoints" / "last.pt", run_dir / "metrics.jsonl"
-    if not last.is_file() or not metrics.is_file():
-        return False
-    for line in reversed(metrics.read_text().splitlines()):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("type") == "epoch":
-            return rec["epoch"] + 1 >= epochs
-    return False
+def ensure_run(cfg: Config, split: str = "test", *, progress: bool = True, log: Callable[[str], None] = print,
+               say: Mapping[str, str] | None = None) -> Path:
+    """Train the run of `cfg` unless it has finished its cfg.train.epochs (an interrupted one resumes from
+    its last checkpoint), then evaluate it on `split` unless that evaluation exists; returns the run dir.
+
+    `say` holds what to log before each stage: "trained" (nothing left to train), "train" (" - resuming"
+    is appended when it resumes) and "evaluate"; a stage without a message is silent."""
+    from .evaluate import evaluate
+    from .trainer import train
+
+    say = say or {}
+    run = RunDir(cfg.run_dir)
+    if run.is_trained(cfg.train.epochs):
+        if "trained" in say:
+            log(say["trained"])
+    else:
+        resume = run.last.is_file()
+        if "train" in say:
+            log(say["train"] + (" - resuming" if resume else ""))
+        train(cfg, resume=resume)
+    if not run.is_evaluated(split):
+        if "evaluate" in say:
+            log(say["evaluate"])
+        evaluate(run.path, split=split, progress=progress)
+    return run.path
 
 
 def run_comparison(config: str | Path, objectives: str | Sequence[str], seeds: str | Sequence[int], out: str | Path,
@@ -62,8 +76,6 @@ def run_comparison(config: str | Path, objectives: str | Sequence[str], seeds: s
     """
     from ..method import list_objectives
     from ..report.compare import write_comparison_report
-    from .evaluate import evaluate
-    from .trainer import train
 
     objectives = parse_list(objectives, "--objectives")
     seeds = parse_list(seeds, "--seeds", int)
@@ -71,27 +83,19 @@ def run_comparison(config: str | Path, objectives: str | Sequence[str], seeds: s
     if unknown:
         raise ConfigError(f"--objectives: unknown {', '.join(unknown)}; choose from {', '.join(list_objectives())}")
     out = Path(out)
-    extra = list(overrides or [])
-    # validate the config and overrides once, before any work
-    load_config(config, extra + [f"run_dir={out / 'check'}", f"objective.name={objectives[0]}"])
+    base = load_config(config, list(overrides or []))  # the config and overrides are checked before any work
 
     runs: list[Path] = []
     total = len(objectives) * len(seeds)
     for k, (objective, seed) in enumerate(((o, s) for o in objectives for s in seeds), 1):
         run_dir = out / run_name(objective, seed)
-        cfg = load_config(config, extra + [f"run_dir={run_dir}", f"objective.name={objective}",
-                                           f"train.seed={seed}"])
-        if training_finished(run_dir, cfg.train.epochs):
-            log(f"[{k}/{total}] {run_dir.name}: training already finished")
-        else:
-            resume = (run_dir / "checkpoints" / "last.pt").is_file()
-            log(f"[{k}/{total}] {run_dir.name}: training {cfg.model.name} with {objective}, seed {seed}, "
-                f"{cfg.train.epochs} epochs" + (" - resuming" if resume else ""))
-            train(cfg, resume=resume)
-        if not (run_dir / "eval" / split / "results.json").is_file():
-            log(f"[{k}/{total}] {run_dir.name}: evaluating every modality subset on split {split!r}")
-            evaluate(run_dir, split=split, progress=False)
-        runs.append(run_dir)
+        cfg = replace(base, run_dir=str(run_dir), objective=replace(base.objective, name=objective),
+                      train=replace(base.train, seed=seed))
+        head = f"[{k}/{total}] {run_dir.name}:"
+        runs.append(ensure_run(cfg, split, progress=False, log=log, say={
+            "trained": f"{head} training already finished",
+            "train": f"{head} training {cfg.model.name} with {objective}, seed {seed}, {cfg.train.epochs} epochs",
+            "evaluate": f"{head} evaluating every modality subset on split {split!r}"}))
 
     report = write_comparison_report(runs, out / "report", split=split)
     summary = summarise_seeds(runs, objectives, seeds, split)
@@ -120,10 +124,10 @@ def summarise_seeds(run_dirs: Sequence[Path], objectives: Sequence[str], seeds: 
     for objective in objectives:
         per_kind: dict = {}
         for seed in seeds:
-            path = by_name[run_name(objective, seed)] / "eval" / split / "results.json"
-            if not path.is_file():
-                raise PassionError(f"{path} is missing; evaluate the run first")
-            mean = json.loads(path.read_text())["mean"]
+            run = RunDir(by_name[run_name(objective, seed)])
+            if not run.is_evaluated(split):
+                raise PassionError(f"{run.results(split)} is missing; evaluate the run first")
+            mean = run.read_results(split)["mean"]
             for kind in ("dice", "hd95"):
                 for region, value in mean.get(kind, {}).items():
                     per_kind.setdefault(kind, {}).setdefault(region, []).append(

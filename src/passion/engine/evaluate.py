@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..run_dir import RESULTS_FILE, RunDir
 from ..utils import PassionError, atomic_write_json, atomic_write_text, json_safe
 from . import metrics as M
 
@@ -29,55 +29,14 @@ FORMAT = "passion-eval"
 VERSION = 1
 
 
-def _run_dir_of(path: Path) -> Path:
-    """The run dir of a checkpoint file (RUN/checkpoints/x.pt) or the directory itself."""
-    if path.is_file():
-        return path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return path
-
-
-def load_model(run_dir: str | Path, checkpoint: str = "last", device="cpu"):
-    """(model, cfg, spec, ckpt dict, checkpoint path) for a run dir or a checkpoint file."""
-    from .checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-
-    path = resolve_checkpoint(run_dir, str(checkpoint))
-    try:
-        ckpt = load_checkpoint(path)
-    except PassionError:
-        raise
-    except Exception as exc:  # the unpickler raises e.g. KeyError on arbitrary bytes
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise PassionError(f"{path}: not a readable passion checkpoint ({type(exc).__name__} {first[:120]})") from None
-    try:
-        model, cfg, spec = model_from_checkpoint(ckpt, device=device)
-    except PassionError:
-        raise
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise PassionError(f"{path}: cannot rebuild the model of this checkpoint ({first[:200]})") from None
-    return model, cfg, spec, ckpt, path
-
-
-def _resolve_path(value: str, run_dir: Path, what: str) -> Path:
-    if not value:
-        raise PassionError(f"the run's config has no {what}; pass it explicitly")
-    p = Path(value)
-    if p.exists() or p.is_absolute():
-        return p
-    for base in (run_dir, run_dir.parent):
-        if (base / p).exists():
-            return base / p
-    return p
-
-
-def _case_names(split: str, cfg, run_dir: Path, cases: Sequence[str] | None) -> list[str]:
+def _case_names(split: str, cfg, run: RunDir, cases: Sequence[str] | None) -> list[str]:
     from ..data.splits import read_case_list
 
     if cases is not None:
         return list(cases)
     if Path(split).suffix == ".txt" and Path(split).is_file():
         return read_case_list(split)
-    split_dir = _resolve_path(cfg.data.split, run_dir, "data.split")
+    split_dir = run.resolve(cfg.data.split, "data.split")
     f = split_dir / f"{split}.txt"
     if not f.is_file():
         raise PassionError(f"no case list for split {split!r}: {f} does not exist")
@@ -182,24 +141,16 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     """
     from ..data.cache import match_cache_names, read_case
     from ..utils import progress as progress_bar
-    from .inference import (DEFAULT_FUSE_BATCH, configure_host, inference_precision, predict_classes,
-                            resolve_device, warn_if_slow_precision)
+    from .checkpoint import load_for_inference
+    from .inference import DEFAULT_FUSE_BATCH, predict_classes
     from .overlay_cases import OverlayCollector, overlay_path, rarest_pair
 
     start = time.time()
-    run_path = _run_dir_of(Path(run_dir))
     if not Path(run_dir).exists():
         raise PassionError(f"{run_dir}: no such run directory or checkpoint")
-    # device from the argument, else the run's config (resolved after reading it)
-    model, cfg, spec, ckpt, ckpt_path = load_model(run_dir, checkpoint, device="cpu")
-    dev = resolve_device(device or cfg.train.device)
-    configure_host(cfg.train.threads, cfg.train.reuse_freed_memory)
-    model = model.to(dev)
-    precision = inference_precision(precision, cfg.train.precision, dev)
-    warn_if_slow_precision(dev, precision)
-    overlap = cfg.eval.overlap if overlap is None else float(overlap)
-    if not 0 <= overlap < 1:
-        raise PassionError(f"overlap must be in [0, 1), got {overlap}")
+    setup = load_for_inference(run_dir, checkpoint, device=device, precision=precision, overlap=overlap)
+    model, cfg, spec, ckpt, ckpt_path = setup.model, setup.cfg, setup.spec, setup.ckpt, setup.checkpoint
+    dev, precision, overlap, run = setup.device, setup.precision, setup.overlap, setup.run
     try:
         masks = M.evaluation_subsets(spec, subsets)
     except ValueError as exc:
@@ -209,18 +160,18 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     regions = M.region_names(spec)
 
     split_label = Path(split).stem if Path(split).suffix == ".txt" else str(split)
-    out = Path(out_dir) if out_dir is not None else run_path / "eval" / split_label
-    if (out / "results.json").exists() and not overwrite:
-        raise PassionError(f"{out / 'results.json'} exists; pass --overwrite (overwrite=True) to replace it")
-    cache_dir = Path(cache) if cache is not None else _resolve_path(cfg.data.cache, run_path, "data.cache")
-    names = match_cache_names(_case_names(split, cfg, run_path, cases), cache_dir)
+    out = Path(out_dir) if out_dir is not None else run.eval_dir(split_label)
+    if (out / RESULTS_FILE).exists() and not overwrite:
+        raise PassionError(f"{out / RESULTS_FILE} exists; pass --overwrite (overwrite=True) to replace it")
+    cache_dir = Path(cache) if cache is not None else run.resolve(cfg.data.cache, "data.cache")
+    names = match_cache_names(_case_names(split, cfg, run, cases), cache_dir)
     if not names:
         raise PassionError(f"split {split!r} has no cases")
 
     roi = list(cfg.model.patch_size)
     sw = int(sw_batch_size or cfg.eval.sw_batch_size or 1)
     rows: list[dict] = []
-    overlay = OverlayCollector(spec, masks, rarest_pair(spec, training_missing_rates(cfg, run_path, spec)))
+    overlay = OverlayCollector(spec, masks, rarest_pair(spec, training_missing_rates(cfg, run, spec)))
     with progress_bar(total=len(names) * len(masks), desc=f"evaluate {split_label}", disable=not progress) as bar:
         for name in names:
             case = read_case(cache_dir, name)
@@ -251,7 +202,7 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
                                      "computed once per subject over its 3D slice stack with the voxel spacing")
     results = {
         "format": FORMAT, "version": VERSION,
-        "run_dir": str(run_path), "checkpoint": str(ckpt_path), "checkpoint_name": Path(ckpt_path).stem,
+        "run_dir": str(run.path), "checkpoint": str(ckpt_path), "checkpoint_name": Path(ckpt_path).stem,
         "epoch": ckpt.get("epoch"),
         "config_hash": ckpt.get("config_hash") or cfg.hash(),
         "model": cfg.model.name, "objective": cfg.objective.name, "dataset": spec.name,
@@ -272,16 +223,16 @@ def evaluate(run_dir: str | Path, checkpoint: str = "last", split: str = "test",
     subset_heatmap(results, out / "heatmap.png",
                    title=f"Dice per modality subset: {cfg.model.name} + {cfg.objective.name}, "
                          f"{split_label} ({len(names)} cases)")
-    atomic_write_json(out / "results.json", results)  # last: marks the evaluation complete
+    atomic_write_json(out / RESULTS_FILE, results)  # last: marks the evaluation complete
     return results
 
 
-def training_missing_rates(cfg, run_dir: Path, spec) -> dict | None:
+def training_missing_rates(cfg, run: RunDir, spec) -> dict | None:
     """{modality: realised missing rate} of the run's training split, None when it cannot be read."""
     from ..data.splits import training_description
 
     try:
-        desc = training_description(_resolve_path(cfg.data.split, run_dir, "data.split"), spec)
+        desc = training_description(run.resolve(cfg.data.split, "data.split"), spec)
     except (PassionError, OSError, ValueError, KeyError):
         return None
     return (desc or {}).get("missing_rate")
@@ -292,34 +243,35 @@ def keep_overlay_cases(run_dir: str | Path, split: str = "test", device: str | N
 
     Ranks the cases by per_case.csv and predicts only the three chosen cases on the figure's subsets."""
     from ..data.cache import read_case
-    from .inference import configure_host, inference_precision, predict_classes, resolve_device
+    from .checkpoint import load_for_inference
+    from .inference import predict_classes
     from .overlay_cases import OverlayCollector, figure_subsets, overlay_path, pick_cases, rarest_pair
 
-    run_path = _run_dir_of(Path(run_dir))
-    out = run_path / "eval" / split
+    run = RunDir.of(run_dir)
+    out = run.eval_dir(split)
     table = out / "per_case.csv"
     if not table.is_file():
         raise PassionError(f"{table} does not exist; evaluate the run first")
     with open(table, newline="") as f:
         rows = [{**r, "dice": float(r["dice"])} for r in csv.DictReader(f)]
-    results = json.loads((out / "results.json").read_text())
-    model, cfg, spec, _, _ = load_model(run_path, results.get("checkpoint_name") or "last", device="cpu")
-    dev = resolve_device(device or cfg.train.device)
-    configure_host(cfg.train.threads, cfg.train.reuse_freed_memory)
+    results = run.read_results(split)
+    setup = load_for_inference(run.path, results.get("checkpoint_name") or "last", device=device,
+                               overlap=results["conventions"].get("overlap", 0.5), warn_precision=False)
+    model, cfg, spec = setup.model, setup.cfg, setup.spec
     evaluated = [tuple(s["mask"]) for s in results["subsets"]]
-    rarest = rarest_pair(spec, training_missing_rates(cfg, run_path, spec))
+    rarest = rarest_pair(spec, training_missing_rates(cfg, run, spec))
     masks = [evaluated[k] for k in figure_subsets(spec, evaluated, rarest)]  # predict only these
     overlay = OverlayCollector(spec, masks, rarest)
     rank = next(iter(spec.regions))
     scores = {n: _nanmean([r["dice"] for r in rows if r["case"] == n and r["region"] == rank])
               for n in dict.fromkeys(r["case"] for r in rows)}
-    cache_dir = _resolve_path(cfg.data.cache, run_path, "data.cache")
+    cache_dir = run.resolve(cfg.data.cache, "data.cache")
     for _, name in pick_cases(scores):
         case = read_case(cache_dir, name)
-        classes = predict_classes(model.to(dev), case.image, masks, roi_size=list(cfg.model.patch_size),
-                                  available=case.available, overlap=results["conventions"].get("overlap", 0.5),
-                                  sw_batch_size=int(cfg.eval.sw_batch_size or 1), device=dev,
-                                  precision=inference_precision(None, cfg.train.precision, dev))
+        classes = predict_classes(model, case.image, masks, roi_size=list(cfg.model.patch_size),
+                                  available=case.available, overlap=setup.overlap,
+                                  sw_batch_size=int(cfg.eval.sw_batch_size or 1), device=setup.device,
+                                  precision=setup.precision)
         overlay.add(name, case.image, np.asarray(case.label), classes, [r for r in rows if r["case"] == name],
                     case.available, case.meta.get("spacing"), score=scores[name])
     return overlay.save(overlay_path(out))

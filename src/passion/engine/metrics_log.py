@@ -10,22 +10,16 @@ import json
 import logging
 from pathlib import Path
 
-from ..utils import atomic_write_text, read_jsonl
+from ..run_dir import RunDir
+from ..utils import atomic_write_text
 
 log = logging.getLogger("passion.train")
-
-FILE_NAME = "metrics.jsonl"
-
-
-def read_records(run_dir: str | Path) -> list[dict]:
-    """Every complete record of a run's log ([] when there is none)."""
-    return read_jsonl(Path(run_dir) / FILE_NAME)
 
 
 class MetricsLog:
     def __init__(self, run_dir: str | Path, is_main: bool = True, tensorboard: bool = False) -> None:
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / FILE_NAME
+        self.run = RunDir(run_dir)
+        self.path = self.run.metrics
         self.is_main = is_main
         self._tb = self._open_tensorboard() if (tensorboard and is_main) else None
 
@@ -35,13 +29,13 @@ class MetricsLog:
         except ImportError:
             log.warning("train.tensorboard is on but tensorboard is not installed (pip install 'passion-seg[tensorboard]')")
             return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+        return SummaryWriter(str(self.run.tensorboard))
 
     def truncate(self, step: int, epoch: int) -> None:
         """Keep iteration records up to `step` and epoch records before `epoch` (the checkpoint's position)."""
         if not self.is_main or not self.path.is_file():
             return
-        keep = [r for r in read_records(self.run_dir)
+        keep = [r for r in self.run.read_metrics()
                 if (r.get("type") == "iter" and r["step"] <= step) or (r.get("type") == "epoch" and r["epoch"] < epoch)]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
@@ -81,7 +75,7 @@ def attach_text_log(run_dir: Path, is_main: bool) -> logging.Handler | None:
     if not is_main:
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log")
+    handler = logging.FileHandler(RunDir(run_dir).text_log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)

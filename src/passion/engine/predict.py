@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..run_dir import RunDir
 from ..utils import PassionError
 
 DEFAULT_MIN_SIZE = 128
@@ -136,13 +137,9 @@ def check_geometry(case, spec, strict: bool = False) -> None:
             grid_mismatch(case.name, path, shape, img.affine, ref[0], ref[1], ref[2], AFFINE_ATOL)
 
 
-def evaluation_hint(run_dir: Path, modalities: Sequence[str]) -> str | None:
+def evaluation_hint(run: RunDir, modalities: Sequence[str]) -> str | None:
     """How this modality subset scored in the run's own evaluation, if there is one."""
-    eval_dir = run_dir / "eval"
-    if not eval_dir.is_dir():
-        return None
-    found = sorted(eval_dir.glob("*/results.json"),
-                   key=lambda p: {"test": 0, "val": 1}.get(p.parent.name, 2))
+    found = sorted(run.results_files(), key=lambda p: {"test": 0, "val": 1}.get(p.parent.name, 2))
     for path in found:
         try:
             res = json.loads(path.read_text())
@@ -189,26 +186,18 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
     from ..data.preprocess import preprocess_for_spec, unmap_labels
     from ..data.preprocess import uncrop_pad as uncrop
     from ..utils import progress as progress_bar
-    from .checkpoint import preprocess_of
-    from .evaluate import _run_dir_of, load_model
-    from .inference import (configure_host, inference_precision, predict_subsets, resolve_device,
-                            warn_if_slow_precision)
+    from .checkpoint import load_for_inference
+    from .inference import predict_subsets
     from .metrics import postprocess_classes
 
     say = log or (lambda _msg: None)
     ckpt_arg = Path(checkpoint)
     if not ckpt_arg.exists():
         raise PassionError(f"checkpoint not found: {ckpt_arg}")
-    model, cfg, spec, ckpt, ckpt_path = load_model(ckpt_arg, "last", device="cpu")
-    spec = with_preset_aliases(spec)
+    setup = load_for_inference(ckpt_arg, "last", device=device, precision=precision, overlap=overlap)
+    model, cfg, ckpt_path, dev, precision = setup.model, setup.cfg, setup.checkpoint, setup.device, setup.precision
+    spec = with_preset_aliases(setup.spec)
     out_spec = output_convention(spec, label_convention)
-    dev = resolve_device(device or cfg.train.device)
-    configure_host(cfg.train.threads, cfg.train.reuse_freed_memory)
-    precision = inference_precision(precision, cfg.train.precision, dev)
-    warn_if_slow_precision(dev, precision)
-    overlap = cfg.eval.overlap if overlap is None else float(overlap)
-    if not 0 <= overlap < 1:
-        raise PassionError(f"overlap must be in [0, 1), got {overlap}")
     cases = collect_cases(inputs, files, spec)
     for case in cases:
         check_geometry(case, spec, strict)
@@ -224,14 +213,12 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
         if existing:
             raise PassionError(f"{existing[0]} already exists; pass --overwrite to replace it")
 
-    record = preprocess_of(ckpt)
+    record = setup.preprocess
     min_size = record["min_size"] or DEFAULT_MIN_SIZE
     if record["spacing"] is None or not record["orientation"]:
         say(f"warning: {ckpt_path.name} records no training spacing/orientation (made before they were "
             "recorded); predicting on each input's own grid")
-    run_dir = _run_dir_of(ckpt_path)
     roi = list(cfg.model.patch_size)
-    model = model.to(dev)
     created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".passion-predict-", dir=out))
@@ -248,11 +235,11 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path] = (), output_di
                 fed = ", ".join(f"{m} <- {Path(case.modalities[m]).name}" for m in used)
                 msg = (f"{case.name}: using {', '.join(used)} [{fed}]"
                        + (f" (missing: {', '.join(missing)})" if missing else ""))
-                hint = evaluation_hint(run_dir, used)
+                hint = evaluation_hint(setup.run, used)
                 say(msg + (f"; {hint}" if hint else ""))
                 image, box = preprocess_for_spec(gm.images(loaded.images), loaded.available, spec, min_size)
                 probs = predict_subsets(model, image, [loaded.available], roi_size=roi, available=loaded.available,
-                                        overlap=overlap, sw_batch_size=int(cfg.eval.sw_batch_size or 1),
+                                        overlap=setup.overlap, sw_batch_size=int(cfg.eval.sw_batch_size or 1),
                                         device=dev, precision=precision)[0].cpu().numpy()
                 if gm.resampled or save_probabilities:
                     native_probs = gm.back(_uncrop_probs(probs, box, gm.shape, uncrop))

@@ -21,10 +21,10 @@ from ..config import Config, ConfigError, save_config
 from ..data.cache import preprocess_record, read_index, read_spec
 from ..data.spec import DatasetSpec
 from ..utils import PassionError, progress
-from .checkpoint import (build_model_for, discard_previous_run, load_checkpoint, restore_rng_state, rng_state,
-                         save_checkpoint, seed_everything)
+from .checkpoint import build_model_for, load_checkpoint, restore_rng_state, rng_state, save_checkpoint, seed_everything
 from .epoch_means import EpochMeans
-from .metrics_log import FILE_NAME as METRICS_FILE, MetricsLog, attach_text_log
+from .metrics_log import MetricsLog, attach_text_log
+from ..run_dir import RunDir
 from .validation import is_better, is_validation_epoch
 from .runtime import autocast, configure_host, resolve_device, warn_if_slow_precision
 from .distributed import DistContext, init_distributed, shutdown
@@ -50,7 +50,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, force: bool = False):
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.files = RunDir(self.run_dir)
         t = cfg.train
         configure_host(t.threads, t.reuse_freed_memory)
         self.device = resolve_device(t.device)
@@ -72,13 +72,13 @@ class Trainer:
             self._resume()
         elif self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / METRICS_FILE).write_text("")
+            save_config(cfg, self.files.config)
+            self.files.metrics.write_text("")
         self.dist.barrier()
 
     # ----------------------------------------------------------------- setup
     def _check_run_dir(self, resume: bool, force: bool) -> None:
-        last = self.ckpt_dir / "last.pt"
+        last = self.files.last
         if resume:
             if not last.is_file():
                 raise PassionError(f"cannot resume: {last} does not exist")
@@ -87,10 +87,10 @@ class Trainer:
                 f"{self.run_dir} already holds a training run; use --resume {self.run_dir} to continue it "
                 f"or --force to start over")
         elif force and self.dist.is_main:
-            discard_previous_run(self.run_dir)
+            self.files.discard_training()
 
     def _setup_data(self) -> None:
-        from ..data.datasets import TrainDataset, availability_counts
+        from ..data.datasets import TrainDataset
         from ..data.splits import load_split
 
         cfg = self.cfg
@@ -118,16 +118,11 @@ class Trainer:
             if shape and any(p > s for p, s in zip(patch, shape)):
                 raise ConfigError(f"model.patch_size {patch} is larger than case {name!r} ({list(shape)}) in "
                                   f"{cfg.data.cache}; use a smaller patch or prepare with a larger --min-size")
-        masks = self._training_masks(split, index)
+        available = self._training_availability(split, index)
         self.dataset = TrainDataset(
-            cfg.data.cache, self.train_cases, masks, setting=cfg.data.setting, patch_size=patch,
+            cfg.data.cache, self.train_cases, available, setting=cfg.data.setting, patch_size=patch,
             augment=cfg.data.augment, seed=cfg.train.seed, spec=self.spec,
             foreground_fraction=cfg.data.foreground_fraction)
-        self.availability = availability_counts(masks)
-        for m, n in enumerate(self.availability):
-            if n == 0 and cfg.data.setting != "pdt":
-                raise ConfigError(f"modality {self.spec.modalities[m]!r} is present in no training case of "
-                                  f"{cfg.data.split}; PASSION's availability weight would divide by zero")
         per_iter = cfg.train.batch_size * self.dist.world_size
         self.iters_per_epoch = cfg.train.iters_per_epoch or math.ceil(len(self.train_cases) / per_iter)
         self._setup_validation(split)
@@ -141,23 +136,24 @@ class Trainer:
         except PassionError as exc:
             raise ConfigError(str(exc)) from None
 
-    def _training_masks(self, split, index: dict) -> list[tuple[bool, ...]]:
-        """Each training case's fixed mask: the split's table (idt*) or all it has (pdt), never
-        claiming a modality whose file is genuinely missing from the cache."""
-        genuine = {c["name"]: [bool(v) for v in c["available"]] for c in index["cases"]}
+    def _training_availability(self, split, index: dict):
+        """Each training case's mask and the counts n[m] (data/availability.py: the split's table
+        AND the cache's files for idt*, complete cases for pdt); any conflict is a ConfigError."""
+        from ..data.availability import genuine_availability, require_every_modality, training_availability
+
         setting = self.cfg.data.setting
         if setting != "pdt" and split.masks is None:
             raise ConfigError(f"data.setting={setting} needs the missing-modality table "
                               f"{self.cfg.data.split}/train_missing.csv (made by `passion split`)")
-        masks = []
-        for name in self.train_cases:
-            table = split.masks[name] if setting != "pdt" else genuine[name]
-            mask = tuple(bool(t) and g for t, g in zip(table, genuine[name]))
-            if not any(mask):
-                raise ConfigError(f"training case {name!r}: its split mask {list(table)} has no modality "
-                                  f"that exists in the cache")
-            masks.append(mask)
-        return masks
+        try:
+            available = training_availability(genuine_availability(index, self.spec.num_modalities),
+                                              self.train_cases, split.masks, setting, self.spec.modalities)
+            self.availability = available.counts()
+            require_every_modality(self.availability, self.spec.modalities, quote=True, where=(
+                f" of {self.cfg.data.split}; PASSION's availability weight would divide by zero"))
+        except PassionError as exc:
+            raise ConfigError(str(exc)) from None
+        return available
 
     def _setup_model_and_objective(self) -> None:
         from ..method import ObjectiveModule, build_objective
@@ -215,10 +211,10 @@ class Trainer:
 
     def save(self, name: str) -> None:
         if self.dist.is_main:
-            save_checkpoint(self.ckpt_dir / name, self._payload())
+            save_checkpoint(self.files.checkpoints / name, self._payload())
 
     def _resume(self) -> None:
-        ckpt = load_checkpoint(self.ckpt_dir / "last.pt", map_location=self.device)
+        ckpt = load_checkpoint(self.files.last, map_location=self.device)
         saved = ckpt["config"]
         now = self.cfg.to_dict()
         for key in _IDENTITY_KEYS:
@@ -226,7 +222,7 @@ class Trainer:
                 diff = [k for k in set(saved.get(key, {})) | set(now.get(key, {}))
                         if saved.get(key, {}).get(k) != now.get(key, {}).get(k)]
                 raise PassionError(
-                    f"checkpoint {self.ckpt_dir / 'last.pt'} was made with a different {key} config "
+                    f"checkpoint {self.files.last} was made with a different {key} config "
                     f"({', '.join(f'{key}.{k}' for k in sorted(diff))}); refusing to resume")
         if ckpt.get("world_size", 1) != self.dist.world_size:
             raise PassionError(f"checkpoint was written by {ckpt.get('world_size')} process(es), "
@@ -293,7 +289,7 @@ class Trainer:
                     bar.update(1, status=f"epoch {epoch + 1}/{t.epochs} loss {record['loss']:.4f}{self.last_val}")
                     if t.checkpoint_every_iters and self.state.step % t.checkpoint_every_iters == 0 \
                             and self.state.iteration < self.iters_per_epoch:
-                        self.save("last.pt")
+                        self.save(self.files.last.name)
                 self._end_epoch(epoch, lr, bar)
         self.metrics_log.close()
         self.dist.barrier()
@@ -311,11 +307,8 @@ class Trainer:
             raise PassionError(f"loss became {loss.item()} at epoch {epoch} iteration {self.state.iteration}; "
                                f"try train.precision=fp32 or a lower train.lr")
         self.scaler.scale(loss).backward()
-        after_backward = getattr(self.objective, "after_backward", None)
-        if t.grad_clip or after_backward is not None:
-            self.scaler.unscale_(self.optimizer)
-        if after_backward is not None:  # gradient-modulating objectives (e.g. OGM-GE)
-            stats = {**stats, **(after_backward(self.model, epoch) or {})}
+        self.scaler.unscale_(self.optimizer)  # the hook and clipping see true gradients (no-op unless fp16)
+        stats = {**stats, **(self.objective.after_backward(self.model, epoch) or {})}  # e.g. OGM-GE's modulation
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.scaler.step(self.optimizer)
@@ -345,10 +338,10 @@ class Trainer:
         self.state.iteration = 0
         if val and is_better(val["val_score"], self.best):
             self.best = {"val_score": val["val_score"], "epoch": epoch, "step": self.state.step}
-            self.save("best.pt")  # before last.pt: a kill in between replays the epoch to the same decision
-        self.save("last.pt")
+            self.save(self.files.best.name)  # before last.pt: a kill in between replays the epoch to the same decision
+        self.save(self.files.last.name)
         if (epoch + 1) in set(self.cfg.train.save_epochs):
-            self.save(f"epoch_{epoch + 1:04d}.pt")
+            self.save(self.files.checkpoint(epoch + 1).name)
         log.info("epoch %d done: %s", epoch, {k: v for k, v in record.items() if not isinstance(v, dict)})
 
     def _validate(self, epoch: int, bar=None) -> dict:

@@ -13,32 +13,32 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 
-from ..utils import PassionError, atomic_write_text, read_jsonl  # noqa: E402
+from ..run_dir import RunDir  # noqa: E402
+from ..utils import PassionError, atomic_write_text  # noqa: E402
 
 REGIONS = ("WT", "TC", "ET")
-# per-modality loss terms the objectives log on every iteration (see passion.method.objective)
-PER_MODALITY_LOSSES = ("sep", "kl", "proto")
 
 
 class RunRecord:
     """What the report needs of one run directory."""
 
     def __init__(self, run_dir: Path, split: str = "test"):
-        self.dir = Path(run_dir)
-        cfg_path = self.dir / "config.yaml"
-        res_path = self.dir / "eval" / split / "results.json"
-        if not cfg_path.is_file():
-            raise PassionError(f"{self.dir}: no config.yaml; is this a run directory made by `passion train`?")
-        if not res_path.is_file():
+        self.run = RunDir(run_dir)
+        self.dir = self.run.path
+        if not self.run.config.is_file():
+            raise PassionError(f"{self.dir}: no {self.run.config.name}; is this a run directory made by "
+                               f"`passion train`?")
+        if not self.run.is_evaluated(split):
             raise PassionError(f"{self.dir}: no evaluation on split {split!r}; run `passion evaluate {self.dir}` first")
-        self.config = yaml.safe_load(cfg_path.read_text())
-        self.results = json.loads(res_path.read_text())
-        self.metrics = read_jsonl(self.dir / "metrics.jsonl")
+        self.config = self.run.read_config()
+        self.results = self.run.read_results(split)
+        self.metrics = self.run.read_metrics()
         self.label = self._label()
-        # the dataset's regions (BraTS: WT, TC, ET; MyoPS: LV, RV, MYO), without post-processed ones
-        self.regions = tuple(r for r in self.results.get("regions", REGIONS) if not r.endswith("post")) or REGIONS
+        # the dataset's regions (BraTS: WT, TC, ET; MyoPS: LV, RV, MYO), without the post-processed one,
+        # whose name engine/metrics.py states in the results (conventions.postprocess.name)
+        post = self.results.get("conventions", {}).get("postprocess", {}).get("name")
+        self.regions = tuple(r for r in self.results.get("regions", REGIONS) if r != post) or REGIONS
 
     def _label(self) -> str:
         return f"{self.config['model']['name']}+{self.config['objective']['name']}"
@@ -149,11 +149,13 @@ def _training_curves(runs: list[RunRecord], path: Path) -> list[str]:
     """Total loss per run and per-modality single-modality losses, and below them the validation
     Dice per region (full subset and mean over subsets) of runs that validated; returns the
     per-modality keys found."""
+    from ..method.objectives import TRAINING_CURVES, stat_catalogue  # each objective says what it logs
     from .figures import draw_val_dice, val_regions
 
+    stats, _ = stat_catalogue()
     iters = {r.label: [m for m in r.metrics if m.get("type") == "iter"] for r in runs}
-    mod_keys = [k for k in PER_MODALITY_LOSSES if any(isinstance(rec.get(k), dict)
-                                                      for recs in iters.values() for rec in recs)]
+    mod_keys = [k for k, info in stats.items() if info.figure == TRAINING_CURVES
+                and any(isinstance(rec.get(k), dict) for recs in iters.values() for rec in recs)]
     validated = {r.label: r.metrics for r in runs if val_regions(r.metrics)}
     val_regs = [reg for reg in runs[0].regions if any(reg in val_regions(m) for m in validated.values())]
     ncols = max(1 + len(mod_keys), len(val_regs))
@@ -185,7 +187,7 @@ def _training_curves(runs: list[RunRecord], path: Path) -> list[str]:
                 x, y = np.array(pts).T
                 k = max(1, len(y) // 50)
                 ax.plot(x[len(x) - len(_smooth(y, k)):], _smooth(y, k), label=f"{r.label} {mod}")
-        ax.set_title(f"{key} loss per modality")
+        ax.set_title(f"{stats[key].label} per modality")
         ax.set_xlabel("iteration")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -194,23 +196,36 @@ def _training_curves(runs: list[RunRecord], path: Path) -> list[str]:
     return mod_keys
 
 
-def _preference_curves(runs: list[RunRecord], path: Path) -> bool:
-    """Per-modality beta and relative preference per epoch, for runs that log them (PASSION)."""
-    runs = [r for r in runs if any(isinstance(m.get("beta"), dict) for m in r.metrics)]
+def _epoch_figures(runs: list[RunRecord], out: Path) -> list[str]:
+    """The per-epoch, per-modality figures the objectives declare (PASSION: beta and relative
+    preference), each over the runs that log its stats; returns the report's lines for them."""
+    from ..method.objectives import stat_catalogue
+
+    stats, figures = stat_catalogue()
+    parts = []
+    for name, fig_info in figures.items():
+        keys = [k for k, info in stats.items() if info.figure == name]
+        if _epoch_figure(runs, keys, stats, out / f"{name}.png"):
+            parts += [f"## {fig_info.heading}\n", f"![{fig_info.alt}]({name}.png)\n"]
+    return parts
+
+
+def _epoch_figure(runs: list[RunRecord], keys: list[str], stats: dict, path: Path) -> bool:
+    """One row per run that logs any of `keys`, one panel per key: per-modality values per epoch."""
+    runs = [r for r in runs if any(isinstance(m.get(k), dict) for m in r.metrics for k in keys)]
     if not runs:
         return False
-    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.4 * len(runs)), squeeze=False)
+    fig, axes = plt.subplots(len(runs), len(keys), figsize=(5.5 * len(keys), 3.4 * len(runs)), squeeze=False)
     for row, r in zip(axes, runs):
         epochs = [m for m in r.metrics if m.get("type") == "epoch"]
-        for ax, key, title in ((row[0], "beta", "task-wise weight β"),
-                               (row[1], "relative_preference", "relative preference (epoch)")):
+        for ax, key in zip(row, keys):
             for mod, pts in _per_modality_series([{**m, "step": m["epoch"]} for m in epochs], key).items():
                 x, y = np.array(pts).T
                 ax.plot(x + 1, y, marker="o", ms=3, label=mod)
-            ax.set_title(f"{r.label}: {title}")
+            ax.set_title(f"{r.label}: {stats[key].label}")
             ax.set_xlabel("epoch")
             ax.legend(fontsize=8)
-            if key == "relative_preference":
+            if stats[key].zero_line:
                 ax.axhline(0, color="grey", lw=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -220,13 +235,11 @@ def _preference_curves(runs: list[RunRecord], path: Path) -> bool:
 
 def _split_dirs(runs: list[RunRecord]) -> dict[Path, list[RunRecord]]:
     """Each distinct training split folder of the runs, with the runs trained on it."""
-    from ..engine.evaluate import _resolve_path  # config paths may be relative to where the run was trained
-
     out: dict[Path, list[RunRecord]] = {}
     for r in runs:
         value = (r.config.get("data") or {}).get("split")
-        if value:
-            out.setdefault(_resolve_path(str(value), r.dir, "data.split").resolve(), []).append(r)
+        if value:  # config paths may be relative to where the run was trained
+            out.setdefault(r.run.resolve(str(value), "data.split").resolve(), []).append(r)
     return out
 
 
@@ -306,10 +319,8 @@ def write_comparison_report(run_dirs: list[str | Path], out_dir: str | Path, spl
     parts += ["## Training curves\n", "![training curves](training_curves.png)\n"]
     if any(any(isinstance(m.get("val_dice"), dict) for m in r.metrics) for r in runs):
         parts += ["Bottom row: Dice on the val cases during training, full subset (solid) and mean over "
-                  "subsets (dashed); `checkpoints/best.pt` holds the epoch with the best mean.\n"]
-    if _preference_curves(runs, out / "preference.png"):
-        parts += ["## PASSION: task-wise weights and relative preference per modality\n",
-                  "![beta and relative preference](preference.png)\n"]
+                  f"subsets (dashed); `{RunDir('.').best}` holds the epoch with the best mean.\n"]
+    parts += _epoch_figures(runs, out)
     parts += _overlay_section(runs, out, split)
     parts += ["## Training split: realised missing rates\n", _split_section(runs), "",
               "## Configuration differences\n", _config_diff(runs), ""]

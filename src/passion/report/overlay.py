@@ -101,7 +101,7 @@ def _dice_text(dice: dict, regions: Sequence[str]) -> str:
 def draw_cases(data, path: str | Path, title: str = "") -> Path:
     """Rows = subsets, columns = the run's chosen cases (engine.overlay_cases.OverlayData)."""
     spec = data.spec
-    regions = [r for r in data.regions if not r.endswith("post")]
+    regions = [r for r in data.regions if r in spec.regions]  # the spec's own, not the post-processed one
     names = data.subset_names()
     rows, cols = max(1, len(names)), max(1, len(data.cases))
     # at least three panels wide, so that the title and legend fit with one or two cases
@@ -209,9 +209,10 @@ def write_run_overlay(run_dir: str | Path, label: str, split: str, path: str | P
     An evaluation made before overlays existed gets its chosen cases predicted once (and kept)."""
     from ..engine.evaluate import keep_overlay_cases
     from ..engine.overlay_cases import load_overlay, overlay_path
+    from ..run_dir import RunDir
     from ..utils import PassionError
 
-    kept = overlay_path(Path(run_dir) / "eval" / split)
+    kept = overlay_path(RunDir(run_dir).eval_dir(split))
     try:
         if not kept.is_file():
             keep_overlay_cases(run_dir, split)
