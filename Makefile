@@ -17,10 +17,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Two workers (one thread each, tests/conftest.py) use both cores; TEST_WORKERS=0 runs in one process.
+# loadgroup: each test goes to whichever worker is free (the long ones first, tests/conftest.py), except
+# for the modules conftest keeps on one worker.
 TEST_WORKERS ?= 2
 
 test: venv
-	$(PY) -m pytest tests -n $(TEST_WORKERS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup
 
 demo: venv
 	$(VENV)/bin/passion demo

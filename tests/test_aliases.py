@@ -5,7 +5,6 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from passion.data.nifti import find_case_files
@@ -20,12 +19,7 @@ SHAPE, AFFINE = (20, 20, 16), grid_affine((2.0, 2.0, 2.0))
 B20, B23 = get_spec("brats2020"), get_spec("brats2023")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _folder(root, release: str):

@@ -23,13 +23,7 @@ SPEC = get_spec("brats2020")
 ROI = [16, 16, 16]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions are fastest single-threaded, above all on busy shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @register_model("_tiny_eval_test")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage
 
 from passion.data import cache as cache_mod
@@ -20,12 +19,7 @@ SHAPE, AFFINE = (20, 20, 16), grid_affine((2.0, 2.0, 2.0))
 COARSE_SHAPE, COARSE = (10, 10, 8), grid_affine((4.0, 4.0, 4.0), origin=(1.0, 1.0, 1.0))  # same field of view
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mixed_case(root):

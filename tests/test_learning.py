@@ -5,6 +5,10 @@ Every backbone, with the baseline and the PASSION objective, must overfit one ph
 OVERFIT_DICE) within a fixed number of steps, through the real trainer and the demo's optimiser
 recipe (configs/demo_cpu.yaml). And every
 setting (idt, idt_drop, pdt) must run training steps with finite losses on every backbone.
+
+Fewer steps do not keep the bars: the poly lr decays over the whole run (measured: RFNet + PASSION
+0.916 at 80 steps, M2FTrans baseline 0.26 at 50). What the runs save instead is the per-epoch
+checkpoint (training_helpers.train_without_epoch_saves).
 """
 from __future__ import annotations
 
@@ -17,13 +21,12 @@ from passion.config import load_config
 from passion.data.cache import read_case, write_case, write_index
 from passion.data.splits import make_split
 from passion.demo import DEMO_CONFIG
-from passion.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from passion.engine.inference import predict_classes
 from passion.engine.metrics import dice
 from passion.engine.trainer import train
 from passion.models import list_models
 
-from training_helpers import safe_records
+from training_helpers import safe_records, train_without_epoch_saves
 
 PATCH = 32  # mmFormer and M2FTrans need multiples of 16 and >= 32
 OVERFIT_STEPS = {"rfnet": 100, "mmformer": 80, "m2ftrans": 80}
@@ -78,8 +81,7 @@ def test_overfits_one_phantom(one_case, tmp_path, model, objective):
     # and the poly schedule decays over the run, as in a real training
     cfg = _config(cache, split, run_dir, model, objective, "data.augment=false",
                   f"train.epochs={OVERFIT_STEPS.get(model, 100)}", "train.seed=3", "train.checkpoint_every_iters=0")
-    train(cfg)
-    net, _, _ = model_from_checkpoint(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
+    net = train_without_epoch_saves(cfg)
     case = read_case(cache, name)
     pred = predict_classes(net, np.asarray(case.image), [[True] * 4], roi_size=(PATCH,) * 3)[0]
     wt = dice(pred > 0, case.label > 0)

@@ -17,13 +17,7 @@ REFERENCE_PARAMS = {"mmformer": 35_599_184, "m2ftrans": 13_194_788}
 MIXED = torch.tensor([[1, 0, 1, 1], [0, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dominated by thread hand-off; one thread is much faster on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name: str, dims: int = 2, width: int = 2, **options):

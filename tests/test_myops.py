@@ -181,6 +181,10 @@ def test_tiny_end_to_end_2d(tiny_run):
 
 
 def test_tiny_predict_back_in_original_geometry(tiny_run, tmp_path):
+    from passion.data.cache import read_case
+    from passion.data.preprocess import uncrop_pad, unmap_labels
+    from passion.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from passion.engine.inference import predict_classes
     from passion.engine.predict import predict
 
     name = (tiny_run / "split" / "test.txt").read_text().split()[0]
@@ -192,7 +196,16 @@ def test_tiny_predict_back_in_original_geometry(tiny_run, tmp_path):
     ref = nib.load(str(files["c0"]))
     assert img.shape == ref.shape == (64, 64, 6)
     assert np.allclose(img.affine, ref.affine)
-    assert set(np.unique(np.asarray(img.dataobj)).tolist()) <= set(RAW_VALUES)
+    # what the model predicts from c0 and t2 on the cached (cropped, z-scored) case, put back on the
+    # subject's grid in raw label values: predict must write exactly that
+    net, cfg, _ = model_from_checkpoint(load_checkpoint(tiny_run / "run" / "checkpoints" / "last.pt"))
+    case = read_case(tiny_run / "cache", name)
+    available = [True, False, True]
+    classes = predict_classes(net, case.image, [available], roi_size=[32, 32], available=available,
+                              overlap=cfg.eval.overlap, sw_batch_size=cfg.eval.sw_batch_size or 1)[0]
+    expected = unmap_labels(uncrop_pad(classes, case.meta["crop_box"], list(ref.shape)), SPEC)
+    assert len(np.unique(expected)) >= 2  # not one class everywhere: an all-zero or misplaced output fails
+    np.testing.assert_array_equal(np.asarray(img.dataobj), expected)
 
 
 def test_demo_myops_and_synth_cli(tmp_path):

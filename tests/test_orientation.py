@@ -5,7 +5,6 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage
 
 from passion.data import cache as cache_mod
@@ -20,12 +19,7 @@ from oracle import ORACLE
 SHAPE, AFFINE = (20, 20, 16), grid_affine((2.0, 2.0, 2.0), origin=(0.5, -0.5, 1.0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def restore(data: np.ndarray, affine: np.ndarray, flips=(), axes=(0, 1, 2)):

@@ -26,12 +26,7 @@ SHAPE = (18, 16, 12)
 MR2468 = {"flair": 0.6, "t1ce": 0.4, "t1": 0.2, "t2": 0.8}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @register_model("_tiny_overlay_test")

@@ -7,83 +7,51 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from passion.config import Config
 from passion.data.cache import write_index
 from passion.data.spec import get_spec
-from passion.engine.checkpoint import save_checkpoint
-from passion.models import register_model
-from passion.models.interface import Backbone, Features, FusedOutput
 from passion.utils import PassionError
+
+from geometry_helpers import write_case as write_volumes
+from oracle import oracle_checkpoint
 
 SPEC = get_spec("brats2020")
 SHAPE = (30, 28, 26)
 AFFINE = np.array([[-1.0, 0, 0, 90.0], [0, -1.2, 0, 120.0], [0, 0, 1.5, -70.0], [0, 0, 0, 1]])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@register_model("_tiny_predict_test")
-class TinyNet(Backbone):
-    def __init__(self, num_modalities=4, num_classes=4, base_width=4, patch_size=(16, 16, 16), spatial_dims=3):
-        super().__init__()
-        self.num_modalities, self.num_classes = num_modalities, num_classes
-        self.enc = nn.ModuleList(nn.Conv3d(1, base_width, 3, padding=1) for _ in range(num_modalities))
-        self.head = nn.Conv3d(base_width, num_classes, 1)
-
-    def encode(self, x, mask):
-        x = self.zero_unavailable(x, mask)
-        f = torch.stack([F.leaky_relu(e(x[:, m:m + 1]), 0.2) for m, e in enumerate(self.enc)], 1)
-        return Features([self.zero_unavailable(f, mask)])
-
-    def fuse(self, features, mask):
-        n = mask.sum(1).clamp(min=1).float().reshape(-1, 1, 1, 1, 1).to(features.scales[0].device)
-        g = self.zero_unavailable(features.scales[0], mask.to(features.scales[0].device)).sum(1) / n
-        return FusedOutput(self.head(g) * 5.0, [], [g])
-
-    def decode_single(self, features, mask=None):
-        return torch.stack([self.head(features.scales[0][:, m]) for m in range(self.num_modalities)], 1)
+# A uniform brain (100) holding a bright asymmetric L (1000): z-scored, only the L is above 0.5, so the
+# oracle backbone (tests/oracle.py) predicts enhancing tumour (raw label 4) exactly there and background
+# elsewhere. An all-zero, shifted or flipped output fails the tests below.
+BRAIN = np.zeros(SHAPE, bool)
+BRAIN[5:25, 4:22, 3:20] = True
+STRUCTURE = np.zeros(SHAPE, bool)
+STRUCTURE[9:13, 7:15, 6:9] = True
+STRUCTURE[9:11, 7:9, 9:15] = True
+EXPECTED = np.where(STRUCTURE, 4, 0)
+IMAGE = np.where(STRUCTURE, 1000.0, np.where(BRAIN, 100.0, 0.0)).astype(np.float32)
 
 
 def make_checkpoint(root, eval_results: dict | None = None):
+    """An oracle run over a cache whose index gives predict its crop minimum."""
     cache = root / "cache"
     write_index(cache, SPEC, [], {"min_size": 16})
-    run = root / "run"
-    cfg = Config(run_dir=str(run))
-    cfg.data.cache = str(cache)
-    cfg.model.name, cfg.model.patch_size, cfg.model.base_width = "_tiny_predict_test", [16, 16, 16], 4
-    cfg.train.device = "cpu"
-    torch.manual_seed(0)
-    model = TinyNet()
-    path = run / "checkpoints" / "last.pt"
-    save_checkpoint(path, {"config": cfg.to_dict(), "config_hash": cfg.hash(), "spec": SPEC.to_dict(),
-                           "model": model.state_dict(), "epoch": 3, "iteration": 30})
+    path = oracle_checkpoint(root, SPEC, [16, 16, 16], cache)
     if eval_results is not None:
-        (run / "eval" / "test").mkdir(parents=True)
-        (run / "eval" / "test" / "results.json").write_text(json.dumps(eval_results))
+        (root / "run" / "eval" / "test").mkdir(parents=True)
+        (root / "run" / "eval" / "test" / "results.json").write_text(json.dumps(eval_results))
     return path
 
 
-def write_case(root, name, modalities=("flair", "t2"), shape=SHAPE, affine=AFFINE, seed=0, label=True):
-    rng = np.random.default_rng(seed)
-    d = root / name
-    d.mkdir(parents=True)
-    brain = np.zeros(shape, bool)
-    brain[5:25, 4:22, 3:20] = True
-    for m in modalities:
-        data = np.where(brain, rng.normal(100, 20, size=shape), 0).astype(np.float32)
-        nib.save(nib.Nifti1Image(data, affine), str(d / f"{name}_{m}.nii.gz"))
+def write_case(root, name, modalities=("flair", "t2"), label=True):
+    """A case folder with the phantom in each of `modalities` (and an empty label file)."""
+    volumes = {m: IMAGE for m in modalities}
     if label:
-        nib.save(nib.Nifti1Image(np.zeros(shape, np.uint8), affine), str(d / f"{name}_seg.nii.gz"))
-    return d
+        volumes["seg"] = np.zeros(SHAPE, np.float32)
+    return write_volumes(root, name, volumes, AFFINE)
 
 
 def _listing(path):
@@ -108,8 +76,7 @@ def test_predict_case_missing_two_modalities(tmp_path):
     src = nib.load(str(case / "BraTS_007_flair.nii.gz"))
     assert img.shape == SHAPE and np.allclose(img.affine, src.affine)
     assert img.get_data_dtype() == np.uint8
-    data = np.asarray(img.dataobj)
-    assert set(np.unique(data)) <= {0, 1, 2, 4}
+    np.testing.assert_array_equal(np.asarray(img.dataobj), EXPECTED)
     text = "\n".join(messages)
     assert "using flair, t2" in text and "missing: t1ce, t1" in text
     assert "WT 0.810" in text and "all modalities" in text
@@ -120,8 +87,8 @@ def test_predict_folder_of_cases_with_probabilities_and_files(tmp_path):
 
     ckpt = make_checkpoint(tmp_path)
     raw = tmp_path / "raw"
-    write_case(raw, "c1", modalities=("t1ce",), seed=1)
-    write_case(raw, "c2", modalities=("flair", "t1ce", "t1", "t2"), seed=2, label=False)
+    write_case(raw, "c1", modalities=("t1ce",))
+    write_case(raw, "c2", modalities=("flair", "t1ce", "t1", "t2"), label=False)
     out = tmp_path / "out"
     written = predict(ckpt, [raw], out, save_probabilities=True, progress=False, log=None)
     assert [p.name for p in written] == ["c1.nii.gz", "c2.nii.gz", "c1_probs.nii.gz", "c2_probs.nii.gz"]
@@ -131,12 +98,15 @@ def test_predict_folder_of_cases_with_probabilities_and_files(tmp_path):
     labels = np.asarray(nib.load(str(out / "c2.nii.gz")).dataobj)
     raw_of_class = np.array([0, 1, 2, 4])
     np.testing.assert_array_equal(labels, raw_of_class[probs.argmax(-1)])
+    np.testing.assert_array_equal(labels, EXPECTED)
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out / "c1.nii.gz")).dataobj), EXPECTED)
 
     # explicit per-modality files; the case name comes from the file names
     single = write_case(tmp_path / "raw2", "P01", modalities=("t1", "t2"))
     files = {"T1": single / "P01_t1.nii.gz", "t2": single / "P01_t2.nii.gz"}
     got = predict(ckpt, [], tmp_path / "out2", files=files, progress=False, log=None)
     assert [p.name for p in got] == ["P01.nii.gz"]
+    np.testing.assert_array_equal(np.asarray(nib.load(str(got[0])).dataobj), EXPECTED)
     with pytest.raises(PassionError, match="already exists"):
         predict(ckpt, [], tmp_path / "out2", files=files, progress=False, log=None)
     predict(ckpt, [], tmp_path / "out2", files=files, progress=False, log=None, overwrite=True)
@@ -224,7 +194,8 @@ def test_cli_predict(tmp_path):
     r = CliRunner().invoke(app, ["predict", "--checkpoint", str(ckpt), "--output", str(out), "--no-progress",
                                  "--t2", str(case / "Q9_t2.nii.gz"), "--modality", f"flair={case / 'Q9_flair.nii.gz'}"])
     assert r.exit_code == 0, r.output
-    assert "using flair, t2" in r.output and (out / "Q9.nii.gz").is_file()
+    assert "using flair, t2" in r.output
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out / "Q9.nii.gz")).dataobj), EXPECTED)
     r = CliRunner().invoke(app, ["predict", "--checkpoint", str(ckpt), "--output", str(out), str(case),
                                  "--no-progress", "--overwrite", "--probabilities"])
     assert r.exit_code == 0, r.output

@@ -10,6 +10,7 @@ from passion.data.cache import write_index
 from passion.data.spec import DatasetSpec, get_spec
 from passion.engine.predict import predict
 
+from geometry_helpers import write_case
 from oracle import oracle_checkpoint
 
 BRATS = get_spec("brats2020")
@@ -24,12 +25,8 @@ def _checkpoint(root, spec, patch, min_size=16):
 
 def _write(root, name, volumes: dict, affine):
     """{modality suffix: array} -> {modality suffix: path} of NIfTI files."""
-    root.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for suffix, data in volumes.items():
-        files[suffix] = root / f"{name}_{suffix}.nii.gz"
-        nib.save(nib.Nifti1Image(data.astype(np.float32), affine), str(files[suffix]))
-    return files
+    case = write_case(root, name, volumes, affine)
+    return {suffix: case / f"{name}_{suffix}.nii.gz" for suffix in volumes}
 
 
 def _case(shape, brain, structure):

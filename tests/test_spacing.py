@@ -7,7 +7,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage
 from typer.testing import CliRunner
 
@@ -21,12 +20,7 @@ from geometry_helpers import BRATS, checkpoint, grid_affine, phantom, write_case
 from oracle import ORACLE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args):

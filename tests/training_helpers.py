@@ -37,3 +37,21 @@ def safe_records(run_dir: Path) -> list[dict]:
             except json.JSONDecodeError:
                 pass
     return out
+
+
+def train_without_epoch_saves(cfg):
+    """Train through the real Trainer, without writing a checkpoint at every epoch end; returns the
+    trained model (in train mode).
+
+    For the overfit tests, whose epochs are one step each: saving last.pt (weights and AMSGrad
+    state: 55 MB for M2FTrans at width 4) after every step took 13-34 % of a run, and far more on a
+    busy disk. Checkpoints have tests of their own (test_train.py, test_checkpointing.py)."""
+    from passion.engine.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    trainer.save = lambda name: None
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return trainer.model
