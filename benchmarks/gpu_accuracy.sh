@@ -39,7 +39,7 @@ pkill -f benchmarks/accuracy.py 2>/dev/null  # seeds still running when the time
 el "runs done or out of time; collecting"
 for f in runs/gpu_acc/*/seed_*/*/eval/test/results.json runs/gpu_acc/*/seed_*/*/metrics.jsonl; do
   [ -f "$f" ] || continue
-  dest="$OUT/runs/${f#runs/gpu_acc/}"; mkdir -p "$(dirname "$dest")"; cp "$f" "$dest"
+  rel=${f#runs/gpu_acc/}; cp "$f" "$OUT/${rel//\//__}"  # flat: the device tool brings back shallow folders only
 done
 for recipe in "$@"; do label=${recipe%%:*}; grep -E "^\[seed|Error|error" "$OUT/acc_$label.log" | tail -4; done
 el done

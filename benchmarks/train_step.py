@@ -12,6 +12,8 @@ size slices).
     .venv/bin/python benchmarks/train_step.py --models rfnet --size 80 --steps 2
     .venv/bin/python benchmarks/train_step.py --dataset myops2020 --size 64 --steps 10 --precisions fp32 --threads 1
     python benchmarks/train_step.py --device cuda --models rfnet mmformer m2ftrans --sizes 80 128 --steps 5 --warmup 2
+    .venv/bin/python benchmarks/train_step.py --reference ~/PASSION/code --models rfnet mmformer --size 80 \
+        --available 3 --precisions fp32 --threads 2 --steps 3   # against the paper's code, interleaved
 """
 from __future__ import annotations
 
@@ -41,6 +43,19 @@ def timed_steps(step, warmup: int, steps: int, sync=lambda: None) -> tuple[float
     return times[0], sorted(times[warmup:])
 
 
+def make_batch(size: int, dims: int, m: int, available: int, dev) -> dict:
+    """One sample: random images, nested cubes (squares in 2D) of three classes as the target, and
+    the first `available` of the m modalities marked present."""
+    import torch
+
+    target = torch.zeros(1, *(size,) * dims, dtype=torch.long)
+    c = size // 2
+    for cls, half in ((2, 12), (3, 6), (1, 3)):  # nested cubes (squares in 2D) of three classes
+        target[(slice(None),) + (slice(c - half, c + half),) * dims] = cls
+    return {"image": torch.randn(1, m, *(size,) * dims).to(dev), "target": target.to(dev),
+            "mask": torch.tensor([[i < available for i in range(m)]]).to(dev)}
+
+
 def build_step(name: str, objective: str, size: int, precision: str, device: str = "cpu",
                available: int = 4, dataset: str = "brats2020", base_width: int = 8,
                checkpointing: str = "off", compile: bool = False):
@@ -67,12 +82,7 @@ def build_step(name: str, objective: str, size: int, precision: str, device: str
                           modality_names=list(spec.modalities), availability_counts=[100] * m,
                           iters_per_epoch=219, setting="idt")
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4, amsgrad=True)
-    target = torch.zeros(1, *(size,) * dims, dtype=torch.long)
-    c = size // 2
-    for cls, half in ((2, 12), (3, 6), (1, 3)):  # nested cubes (squares in 2D) of three classes
-        target[(slice(None),) + (slice(c - half, c + half),) * dims] = cls
-    batch = {"image": torch.randn(1, m, *(size,) * dims).to(dev), "target": target.to(dev),
-             "mask": torch.tensor([[i < available for i in range(m)]]).to(dev)}
+    batch = make_batch(size, dims, m, available, dev)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -81,6 +91,7 @@ def build_step(name: str, objective: str, size: int, precision: str, device: str
         loss.backward()
         opt.step()
 
+    step.batch = batch  # `--reference` feeds the very same tensors to the paper's code
     info = {"model": name, "objective": objective, "precision": precision, "dataset": dataset, "size": size,
             "spatial_dims": dims, "batch": 1, "base_width": base_width, "available_modalities": available,
             "device": device, "params": sum(p.numel() for p in model.parameters()),
@@ -212,7 +223,22 @@ def main(argv=None) -> int:
     ap.add_argument("--activation-checkpointing", nargs="+", default=["off"], choices=["off", "decoder", "all"],
                     help="train.activation_checkpointing mode(s) to measure")
     ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile the backbone's stages")
+    ap.add_argument("--reference", metavar="DIR",
+                    help="also time a local checkout of the paper's public code (github.com/Jun-Jie-Shi/PASSION; "
+                         "DIR is its code/ folder or the repository root): for every configuration both steps run "
+                         "in one process, interleaved (ours, reference, ours, ...), with the same inputs, threads "
+                         "and allocator settings (the reference module's H/W/Z/HWD are set to the size, its "
+                         "patch_size to size // 16); peak RSS of each side in a fresh process of its own (cuda: "
+                         "per-step peak allocated); prints both and ours/reference (see "
+                         "benchmarks/reference_step.py). 3D BraTS only")
+    ap.add_argument("--reference-shim", default="auto", choices=["auto", "cuda-to-cpu", "none"],
+                    help="cuda-to-cpu (auto's choice with --device cpu): while the reference model is built and "
+                         "while each reference step runs, torch.Tensor.cuda and torch.nn.Module.cuda return the "
+                         "tensor/module itself, unchanged on the CPU, so an unmodified checkout runs on the CPU; "
+                         "nothing else is patched and our step never runs under it. none (auto's choice with "
+                         "--device cuda): run the reference as it is")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--reference-worker", choices=["interleaved", "memory"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sizes = args.sizes or [args.size]
     if args.worker:
@@ -220,6 +246,11 @@ def main(argv=None) -> int:
                                 args.precisions[0], args.threads, args.available, args.system_malloc,
                                 args.dataset, args.base_width, args.activation_checkpointing[0],
                                 args.compile)))
+        return 0
+    if args.reference_worker:
+        import reference_step
+
+        print(json.dumps(reference_step.worker(args)))
         return 0
     if args.device == "cuda":
         import torch
@@ -229,6 +260,11 @@ def main(argv=None) -> int:
             return 2
         configure(args.threads, args.system_malloc)
         torch.backends.cudnn.benchmark = True
+    if args.reference:
+        import reference_step
+
+        print(json.dumps(reference_step.compare(args), indent=2))
+        return 0
     results = []
     for size in sizes:
         for name in args.models:
