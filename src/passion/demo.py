@@ -110,7 +110,7 @@ def run_demo(out: str | Path = "runs/demo", budget: str | Budget = "quick", mode
     prepare_dataset(raw, cache, spec, min_size=b.min_size)
     if not (split / "split.json").is_file():
         log(f"[3/6] imbalanced missing-rate split ({rates_name}) in {split}")
-        # val 0.15: 3-4 of 24 cases, validated during training (best.pt, val Dice curves in the report)
+        # val 0.15: 7 of the quick budget's 44 cases, validated during training (best.pt, val Dice curves in the report)
         make_split(cache, split, val=0.15, test=0.25, seed=seed,
                    missing_rates=[rates[m] for m in spec.modalities], force=False)
 

@@ -116,7 +116,7 @@ def _upsampler(n: int, coarse: int) -> np.ndarray:
     return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], coarse: int) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], coarse: int) -> np.ndarray:
     """Zero-mean, unit-std smooth random field from a coarse Gaussian grid."""
     field_ = rng.standard_normal((coarse,) * len(shape)).astype(np.float32)
     for axis, n in enumerate(shape):
@@ -159,10 +159,10 @@ def _make_tumour(brain: np.ndarray, wm: np.ndarray, spacing: np.ndarray, rng: np
     radius = rng.uniform(15.0, 35.0)
     radii_e = radius * rng.uniform(0.75, 1.25, 3)
     center = _tumour_center(brain, wm, spacing, 0.8 * radius, rng)
-    edema = (_deformed_distance(shape, spacing, center, radii_e, _smooth_noise(rng, shape, 16), 0.4) < 1) & brain
+    edema = (_deformed_distance(shape, spacing, center, radii_e, smooth_noise(rng, shape, 16), 0.4) < 1) & brain
     core_center = center + rng.uniform(-0.15, 0.15, 3) * radii_e / spacing
     radii_c = radii_e * rng.uniform(0.45, 0.75) * rng.uniform(0.85, 1.15, 3)
-    core_dist = _deformed_distance(shape, spacing, core_center, radii_c, _smooth_noise(rng, shape, 20), 0.25)
+    core_dist = _deformed_distance(shape, spacing, core_center, radii_c, smooth_noise(rng, shape, 20), 0.25)
     core = (core_dist < 1) & edema
     necrosis = (core_dist < rng.uniform(0.5, 0.8)) & core
     enhancing = bool(rng.random() >= NO_ENHANCING_FRACTION)
@@ -221,9 +221,9 @@ def _modality_image(role: str, anatomy: dict, brain: np.ndarray, t: Tumour, spac
     img[t.edema] = 0.3 * img[t.edema] + 0.7 * ed_v  # infiltrative: some anatomy shows through
     img[t.core] = enh_v if t.enhancing else nonenh_v
     img[t.necrosis] = nec_v
-    img *= 1.0 + 0.05 * _smooth_noise(rng, brain.shape, 24)  # tissue texture
+    img *= 1.0 + 0.05 * smooth_noise(rng, brain.shape, 24)  # tissue texture
     img = ndimage.gaussian_filter(img, sigma=0.6 * 2.0 / spacing)  # partial volume (~1.2 mm)
-    img *= np.exp(0.15 * _smooth_noise(rng, brain.shape, 4))  # bias field
+    img *= np.exp(0.15 * smooth_noise(rng, brain.shape, 4))  # bias field
     scale = rng.uniform(300.0, 1500.0)
     sigma = rng.uniform(0.015, 0.035)
     real = img + sigma * rng.standard_normal(img.shape, dtype=np.float32)

@@ -24,7 +24,7 @@ from scipy import ndimage
 from ..utils import PassionError, atomic_write_json
 from .nifti import write_label_map, write_nifti
 from .spec import PRESETS, DatasetSpec
-from .synthetic import _smooth_noise, draw_available, forget_previous_phantoms, open_output_dir, write_cases
+from .synthetic import smooth_noise, draw_available, forget_previous_phantoms, open_output_dir, write_cases
 
 FOV_MM = 240.0  # in-plane field of view
 SLICE_MM = 10.0  # short-axis slice spacing
@@ -89,7 +89,7 @@ def _geometry(shape, spacing, rng: np.random.Generator) -> dict[str, np.ndarray]
     scar_depth = rng.uniform(0.5, 1.0)  # fraction of the wall from the endocardium
     first = int(rng.integers(0, max(1, s // 3)))
     last = int(rng.integers(max(first + 1, s // 2), s + 1))
-    wobble = _smooth_noise(rng, (h, w), 4) * 1.5  # mm, irregular borders
+    wobble = smooth_noise(rng, (h, w), 4) * 1.5  # mm, irregular borders
 
     maps = {k: np.zeros(shape, bool) for k in TISSUES}
     cy, cx = yy - centre[0], xx - centre[1]
@@ -132,11 +132,11 @@ def _modality_image(role: str, maps: dict, shape, rng: np.random.Generator) -> n
     img = np.zeros(shape, np.float32)
     for t, val in zip(TISSUES, values):
         img[maps[t]] = val
-    texture = _smooth_noise(rng, shape[:2], 8)[..., None]
+    texture = smooth_noise(rng, shape[:2], 8)[..., None]
     img = img * (1.0 + 0.05 * texture * maps["body"])
     noise_std, blur, bias = ACQUISITION[role]
     img = ndimage.gaussian_filter(img, sigma=(blur, blur, 0)) if blur > 0 else img
-    img = img * (1.0 + bias * _smooth_noise(rng, shape[:2], 3)[..., None])
+    img = img * (1.0 + bias * smooth_noise(rng, shape[:2], 3)[..., None])
     n1 = rng.standard_normal(shape).astype(np.float32) * noise_std
     n2 = rng.standard_normal(shape).astype(np.float32) * noise_std
     img = np.sqrt((img + n1) ** 2 + n2 ** 2)  # magnitude image: never exactly zero
