@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 TEST_WORKERS ?= 2
 
 test: venv
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 demo: venv
 	$(VENV)/bin/passion demo
