@@ -28,15 +28,10 @@ def config_file(tmp_path: Path, overrides: list[str]) -> Path:
 
 
 def safe_records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
+    """metrics.jsonl's complete records (a line cut by a kill is skipped), through the run-dir owner."""
+    from passion.run_dir import RunDir
+
+    return RunDir(run_dir).read_metrics()
 
 
 def train_without_epoch_saves(cfg):
