@@ -58,8 +58,12 @@ def make_batch(size: int, dims: int, m: int, available: int, dev) -> dict:
 
 def build_step(name: str, objective: str, size: int, precision: str, device: str = "cpu",
                available: int = 4, dataset: str = "brats2020", base_width: int = 8,
-               checkpointing: str = "off", compile: bool = False):
-    """A closure running one training step of a freshly built model, and a description of it."""
+               checkpointing: str = "off", compile: bool = False, channels_last: bool = False):
+    """A closure running one training step of a freshly built model, and a description of it.
+
+    `channels_last`: model weights and images in channels-last memory order (NDHWC / NHWC), the
+    layout cuDNN's tensor-core convolution kernels prefer.
+    """
     import torch
 
     from passion.config import ObjectiveConfig
@@ -76,6 +80,9 @@ def build_step(name: str, objective: str, size: int, precision: str, device: str
                         patch_size=(size,) * dims, spatial_dims=dims).to(dev).train()
     if checkpointing != "off":
         model.set_activation_checkpointing(checkpointing)
+    layout = {3: torch.channels_last_3d, 2: torch.channels_last}[dims] if channels_last else None
+    if layout is not None:
+        model = model.to(memory_format=layout)
     if compile:
         model.compile_stages(allow_cpu=True)  # the trainer ignores train.compile on a CPU; here it is measured
     obj = build_objective(objective, ObjectiveConfig(name=objective), num_modalities=m,
@@ -83,6 +90,8 @@ def build_step(name: str, objective: str, size: int, precision: str, device: str
                           iters_per_epoch=219, setting="idt")
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4, amsgrad=True)
     batch = make_batch(size, dims, m, available, dev)
+    if layout is not None:
+        batch["image"] = batch["image"].contiguous(memory_format=layout)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -95,20 +104,20 @@ def build_step(name: str, objective: str, size: int, precision: str, device: str
     info = {"model": name, "objective": objective, "precision": precision, "dataset": dataset, "size": size,
             "spatial_dims": dims, "batch": 1, "base_width": base_width, "available_modalities": available,
             "device": device, "params": sum(p.numel() for p in model.parameters()),
-            "activation_checkpointing": checkpointing, "compile": compile}
+            "activation_checkpointing": checkpointing, "compile": compile, "channels_last": channels_last}
     return step, info
 
 
 def worker(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
            threads: int | None, available: int = 4, system_malloc: bool = False,
            dataset: str = "brats2020", base_width: int = 8, checkpointing: str = "off",
-           compile: bool = False) -> dict:
+           compile: bool = False, channels_last: bool = False) -> dict:
     """One CPU configuration (run in its own process): step times and peak RSS."""
     import torch
 
     configure(threads, system_malloc)
     step, info = build_step(name, objective, size, precision, "cpu", available, dataset, base_width,
-                            checkpointing, compile)
+                            checkpointing, compile, channels_last)
     base = _rss_mb()
     first, times = timed_steps(step, warmup, steps)
     return {
@@ -121,7 +130,7 @@ def worker(name: str, objective: str, size: int, steps: int, warmup: int, precis
 
 def cuda_run(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
              available: int = 4, dataset: str = "brats2020", base_width: int = 8,
-             checkpointing: str = "off", compile: bool = False) -> dict:
+             checkpointing: str = "off", compile: bool = False, channels_last: bool = False) -> dict:
     """One CUDA configuration in this process: synchronised step times and peak allocated memory."""
     import torch
 
@@ -133,7 +142,7 @@ def cuda_run(name: str, objective: str, size: int, steps: int, warmup: int, prec
     torch.cuda.reset_peak_memory_stats()
     try:
         step, info = build_step(name, objective, size, precision, "cuda", available, dataset, base_width,
-                                checkpointing, compile)
+                                checkpointing, compile, channels_last)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         first, times = timed_steps(step, warmup, steps, torch.cuda.synchronize)
@@ -162,7 +171,8 @@ def cpu_run(args, name: str, objective: str, size: int, prec: str, checkpointing
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
            "--available", str(args.available), "--dataset", args.dataset,
            "--base-width", str(args.base_width), "--activation-checkpointing", checkpointing] + (
-               ["--system-malloc"] if args.system_malloc else []) + (["--compile"] if args.compile else [])
+               ["--system-malloc"] if args.system_malloc else []) + (["--compile"] if args.compile else []) + (
+               ["--channels-last"] if args.channels_last else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         return (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
@@ -223,6 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--activation-checkpointing", nargs="+", default=["off"], choices=["off", "decoder", "all"],
                     help="train.activation_checkpointing mode(s) to measure")
     ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile the backbone's stages")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="weights and images in channels-last memory order (NDHWC), for cuDNN's tensor-core kernels")
     ap.add_argument("--reference", metavar="DIR",
                     help="also time a local checkout of the paper's public code (github.com/Jun-Jie-Shi/PASSION; "
                          "DIR is its code/ folder or the repository root): for every configuration both steps run "
@@ -245,7 +257,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.models[0], args.objectives[0], sizes[0], args.steps, args.warmup,
                                 args.precisions[0], args.threads, args.available, args.system_malloc,
                                 args.dataset, args.base_width, args.activation_checkpointing[0],
-                                args.compile)))
+                                args.compile, args.channels_last)))
         return 0
     if args.reference_worker:
         import reference_step
@@ -273,7 +285,7 @@ def main(argv=None) -> int:
                     for objective in args.objectives:
                         if args.device == "cuda":
                             res = cuda_run(name, objective, size, args.steps, args.warmup, prec, args.available,
-                                           args.dataset, args.base_width, ckpt, args.compile)
+                                           args.dataset, args.base_width, ckpt, args.compile, args.channels_last)
                         else:
                             res = cpu_run(args, name, objective, size, prec, ckpt)
                         res.update(model=name, objective=objective, precision=prec, activation_checkpointing=ckpt)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The prepared GPU speed check (issue 17, after batching), one call on a lent GPU machine, from the repo root:
+#   bash benchmarks/gpu_perf.sh            (OUT=folder for the results, default ./gpu_results)
+# Installs the package without dependencies into the machine's python3 (a CUDA torch); wheels of
+# missing dependencies may be put in WHEELS (default ./.whl). Steps, each under its own timeout so a
+# slow one cannot starve the rest: the CUDA tests, where a step's time goes (profile_step.py: device
+# busy fraction, kernel launches, top kernels; fp32, bf16, bf16 channels-last), the PASSION/baseline
+# matrix at 80^3 with four modalities, then torch.compile's first and steady steps.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_results}; WHEELS=${WHEELS:-.whl}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s); el() { echo "[t=$(( $(date +%s) - T0 ))s] $*"; }
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHEELS"/*.whl 2>&1 | tail -2
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -2
+python3 -c "import torch, passion; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.backends.cudnn.version())" | tee "$OUT/gpu.txt"
+el tests
+timeout "${T_TESTS:-110}" python3 -m pytest tests/test_cuda.py -o addopts="" -q -rfE -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/cuda_tests.txt"
+el profile
+(cd benchmarks && timeout "${T_PROFILE:-120}" python3 profile_step.py --device cuda --models rfnet mmformer m2ftrans \
+  --objectives baseline passion --sizes 80 --precisions fp32 bf16 --channels-last off on --steps 5 --profiled 2 --top 10 \
+  > "../$OUT/profile_cuda.json" 2> "../$OUT/profile_cuda.log"); tail -2 "$OUT/profile_cuda.log"
+el train_step
+(cd benchmarks && timeout "${T_STEP:-100}" python3 train_step.py --device cuda --models rfnet mmformer m2ftrans --sizes 80 128 \
+  --steps 5 --warmup 2 --precisions fp32 bf16 > "../$OUT/train_step_cuda.json" 2> "../$OUT/train_step_cuda.log")
+tail -2 "$OUT/train_step_cuda.log"
+el compile
+(cd benchmarks && timeout "${T_COMPILE:-200}" python3 train_step.py --device cuda --models rfnet --objectives baseline passion \
+  --sizes 80 --precisions bf16 --compile --steps 5 --warmup 2 > "../$OUT/compile_cuda.json" 2> "../$OUT/compile_cuda.log")
+tail -4 "$OUT/compile_cuda.log"
+el done
