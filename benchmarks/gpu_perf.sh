@@ -9,7 +9,7 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}; WHEELS=${WHEELS:-.whl}
-mkdir -p "$OUT"
+mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
 T0=$(date +%s); el() { echo "[t=$(( $(date +%s) - T0 ))s] $*"; }
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
@@ -22,13 +22,13 @@ timeout "${T_TESTS:-110}" python3 -m pytest tests/test_cuda.py -o addopts="" -q 
 el profile
 (cd benchmarks && timeout "${T_PROFILE:-120}" python3 profile_step.py --device cuda --models rfnet mmformer m2ftrans \
   --objectives baseline passion --sizes 80 --precisions fp32 bf16 --channels-last off on --steps 5 --profiled 2 --top 10 \
-  > "../$OUT/profile_cuda.json" 2> "../$OUT/profile_cuda.log"); tail -2 "$OUT/profile_cuda.log"
+  > "$OUT/profile_cuda.json" 2> "$OUT/profile_cuda.log"); tail -2 "$OUT/profile_cuda.log"
 el train_step
 (cd benchmarks && timeout "${T_STEP:-100}" python3 train_step.py --device cuda --models rfnet mmformer m2ftrans --sizes 80 128 \
-  --steps 5 --warmup 2 --precisions fp32 bf16 > "../$OUT/train_step_cuda.json" 2> "../$OUT/train_step_cuda.log")
+  --steps 5 --warmup 2 --precisions fp32 bf16 > "$OUT/train_step_cuda.json" 2> "$OUT/train_step_cuda.log")
 tail -2 "$OUT/train_step_cuda.log"
 el compile
 (cd benchmarks && timeout "${T_COMPILE:-200}" python3 train_step.py --device cuda --models rfnet --objectives baseline passion \
-  --sizes 80 --precisions bf16 --compile --steps 5 --warmup 2 > "../$OUT/compile_cuda.json" 2> "../$OUT/compile_cuda.log")
+  --sizes 80 --precisions bf16 --compile --steps 5 --warmup 2 > "$OUT/compile_cuda.json" 2> "$OUT/compile_cuda.log")
 tail -4 "$OUT/compile_cuda.log"
 el done
