@@ -24,13 +24,19 @@ def one_hot(target: Tensor, num_classes: int) -> Tensor:
     return y.movedim(-1, 1).float()
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """Losses run in fp32 under bf16/fp16 autocast, and stay in float64 for float64 checks."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _spatial_dims(x: Tensor) -> tuple[int, ...]:
     return tuple(range(2, x.dim()))
 
 
 def weighted_ce(probs: Tensor, y: Tensor) -> Tensor:
     """Class-weighted CE; w_c = 1 - share of class c in this sample, so rare classes count more."""
-    probs, y = probs.float(), y.float()
+    probs = at_least_fp32(probs)
+    y = y.to(probs.dtype)
     dims = _spatial_dims(y)
     n_vox = float(torch.tensor(y.shape[2:]).prod())
     w = 1.0 - y.sum(dim=dims) / n_vox  # [B, C]
@@ -41,7 +47,8 @@ def weighted_ce(probs: Tensor, y: Tensor) -> Tensor:
 
 def soft_dice(probs: Tensor, y: Tensor, eps: float = DICE_EPS) -> Tensor:
     """1 - mean over classes of the soft Dice coefficient, per sample."""
-    probs, y = probs.float(), y.float()
+    probs = at_least_fp32(probs)
+    y = y.to(probs.dtype)
     dims = _spatial_dims(y)
     inter = (probs * y).sum(dim=dims)
     denom = probs.sum(dim=dims) + y.sum(dim=dims) + eps
@@ -70,14 +77,14 @@ def aux_seg_loss(aux_logits: Sequence[Tensor], y: Tensor) -> Tensor:
     """sum_s 2^-s Seg(up(softmax(z^s)), y); softmax first, then upsample to the target size."""
     total = y.new_zeros(y.shape[0])
     for w, z in zip(aux_weights(len(aux_logits)), aux_logits):
-        p = upsample(torch.softmax(z.float(), dim=1), y.shape[2:])
+        p = upsample(torch.softmax(at_least_fp32(z), dim=1), y.shape[2:])
         total = total + w * seg_loss(p, y)
     return total
 
 
 def tempered_probs(logits: Tensor, temperature: float, size: Sequence[int] | None = None) -> Tensor:
     """clamp(up(softmax(z / T)), 0.005, 1): softmax, optional upsampling, then the clamp."""
-    p = torch.softmax(logits.float() / temperature, dim=1)
+    p = torch.softmax(at_least_fp32(logits) / temperature, dim=1)
     if size is not None:
         p = upsample(p, size)
     return p.clamp(PROB_CLAMP, 1.0)
@@ -133,8 +140,8 @@ def class_missing_counts(y: Tensor) -> Tensor:
 
 def prototypes(features: Tensor, y: Tensor) -> Tensor:
     """[B, K, F]: mean feature over the voxels of each selected class, per sample."""
-    f = features.float().flatten(2)  # [B, F, V]
-    yy = y.float().flatten(2)  # [B, K, V]
+    f = at_least_fp32(features).flatten(2)  # [B, F, V]
+    yy = y.to(f.dtype).flatten(2)  # [B, K, V]
     counts = yy.sum(dim=2, keepdim=True)  # [B, K, 1]
     return torch.bmm(yy, f.transpose(1, 2)) / counts.clamp_min(1.0)
 
@@ -145,7 +152,7 @@ def similarity_maps(features: Tensor, protos: Tensor) -> Tensor:
     Same formula as F.cosine_similarity (norms clamped at eps separately) but via one bmm,
     so no [B, K, F, voxels] tensor is materialised.
     """
-    f = features.float()
+    f = at_least_fp32(features)
     spatial = f.shape[2:]
     flat = f.flatten(2)  # [B, F, V]
     dot = torch.bmm(protos, flat)  # [B, K, V]
@@ -167,8 +174,8 @@ def proto_distill(student_feat: Tensor, teacher_feat: Tensor, y: Tensor,
     """
     b = student_feat.shape[0]
     if not bool(classes.any()):
-        zero = student_feat.float().sum() * 0.0
-        return zero.expand(b), student_feat.new_zeros(b, dtype=torch.float32)
+        zero = at_least_fp32(student_feat).sum() * 0.0
+        return zero.expand(b), student_feat.new_zeros(b, dtype=zero.dtype)
     ys = y[:, classes]
     s_student = similarity_maps(student_feat, prototypes(student_feat, _rows(ys, rows)))
     s_teacher = similarity_maps(teacher_feat, prototypes(teacher_feat, ys))
