@@ -59,8 +59,8 @@ def unpack(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def class_probs(logits: Tensor) -> Tensor:
-    """Softmax over classes in float32 (logits may be half precision under autocast)."""
-    return torch.softmax(logits.float(), dim=1)
+    """Softmax over classes in at least float32 (logits may be half precision under autocast)."""
+    return torch.softmax(L.at_least_fp32(logits), dim=1)
 
 
 def encode(model: nn.Module, batch: dict[str, Tensor], setting: str):
