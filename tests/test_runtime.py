@@ -17,11 +17,13 @@ from passion.engine import runtime
 runtime.configure_host(1, reuse_freed_memory=sys.argv[1] == "on")
 x = torch.ones(16 * 2 ** 20, requires_grad=True)  # 64 MB: above glibc's largest mmap threshold
 faults = []
-for _ in range(4):  # a forward/backward loop that frees and re-allocates large blocks
+for _ in range(8):  # a forward/backward loop that frees and re-allocates large blocks
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     (x * 2).exp().mul(x).sum().backward()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"faults": sum(faults[1:]), "threads": torch.get_num_threads(),
+# the heap settles within 2-3 iterations (measured: 7, 6, 2, 0, 0, ... units of 64 MB with reuse,
+# 7 every iteration without); count iterations 4-8 only
+print(json.dumps({"faults": sum(faults[3:]), "threads": torch.get_num_threads(),
                   "reusing": runtime.reuse_freed_memory_in_process() if sys.argv[1] == "on" else False}))
 """
 
@@ -37,8 +39,8 @@ def test_reused_memory_is_not_page_faulted_in_again():
         pytest.skip("this C library has no glibc mallopt; the setting is a no-op here")
     off = _probe("off")
     pages = 64 * 2 ** 20 // 4096
-    assert off["faults"] >= 3 * pages, off  # every iteration gets (and zeroes) fresh pages again
-    assert on["faults"] < off["faults"] / 2, (on, off)
+    assert off["faults"] >= 5 * pages, off  # every iteration gets (and zeroes) fresh pages again
+    assert on["faults"] < off["faults"] / 4, (on, off)
     assert on["threads"] == off["threads"] == 1
 
 
