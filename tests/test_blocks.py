@@ -78,6 +78,14 @@ def test_the_input_gradient_runs_as_a_forward_convolution(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "conv3d", spy)
     y.sum().backward()
     assert seen == [((3, 5, 12, 12, 12), (2, 5, 3, 3, 3))]
+    seen.clear()
+    wide = Conv3d(2, 16, 3, padding=1)  # > NARROW_OUTPUT_CHANNELS: convolution_backward, same gradient
+    x.grad = None
+    y = wide(x)
+    gx, = torch.autograd.grad(y.sum(), x)
+    assert seen == [((3, 2, 10, 10, 10), (16, 2, 3, 3, 3))]  # only the forward ran through conv3d
+    ref = nn.functional.conv3d(x, wide.weight, wide.bias, padding=1)
+    torch.testing.assert_close(gx, torch.autograd.grad(ref.sum(), x)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_batches_and_autocast_take_the_plain_path(conv3d_inputs):
