@@ -8,122 +8,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
-
-
-def _depth_halves(x: Tensor, weight: Tensor, stride, dilation) -> tuple[int, int, int] | None:
-    """(output half depth, input length, second input start) of the depth split of a single fp32
-    volume, or None where it does not apply (a batch, another dtype, an odd output depth)."""
-    if x.shape[0] != 1 or x.dtype != torch.float32:
-        return None
-    span = dilation[0] * (weight.shape[2] - 1) + 1
-    out_depth = (x.shape[2] - span) // stride[0] + 1
-    if out_depth % 2:
-        return None
-    half = out_depth // 2
-    return half, (half - 1) * stride[0] + span, half * stride[0]
-
-
-def _valid_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, dilation) -> Tensor:
-    """conv3d of an already padded input; a single fp32 CPU volume runs as a depth-split batch of two.
-
-    For a single fp32 volume on the CPU, PyTorch dispatches Conv3d (forward and backward) to
-    `slow_conv3d` instead of oneDNN (measured 6-12x slower, forward+backward, 16 channels at
-    32^3). The volume is split into two overlapping halves along depth and run as a batch of two,
-    which takes the oneDNN path; the halves' outputs are exactly the two halves of the full output.
-    """
-    split = _depth_halves(x, weight, stride, dilation)
-    if split is None:
-        return F.conv3d(x, weight, bias, stride, 0, dilation)
-    _, length, start = split
-    pair = torch.cat([x[:, :, :length], x[:, :, start:start + length]], 0)
-    y = F.conv3d(pair, weight, bias, stride, 0, dilation)
-    return torch.cat([y[0:1], y[1:2]], 2)
-
-
-# Up to this many output channels the forward-convolution input gradient is the faster one; wider
-# convolutions (16-64 output channels at 20-40^3) were 1.3-1.5x slower that way (2 threads).
-NARROW_OUTPUT_CHANNELS = 8
-
-
-class _CpuConv3dFunction(torch.autograd.Function):
-    """conv3d of a padded fp32 CPU input whose input gradient is computed as a forward convolution.
-
-    For a stride-1 convolution the input gradient is the full convolution of the output gradient
-    with the flipped kernel, input and output channels swapped. oneDNN runs that forward
-    convolution 1.3-3x faster than `convolution_backward`'s input gradient for the narrow
-    full-resolution layers of these backbones (<= 8 output channels, 32^3-80^3). The weight and
-    bias gradients (and other convolutions' input gradients) stay with `convolution_backward`, on
-    the depth halves for a single volume, as the forward ran.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, dilation):
-        ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.dilation, ctx.has_bias = stride, dilation, bias is not None
-        return _valid_conv3d(x, weight, bias, stride, dilation)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        stride, dilation = ctx.stride, ctx.dilation
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        need_b = need_b and ctx.has_bias
-        grad = grad.contiguous()
-        gx = None
-        if need_x and all(s == 1 for s in stride) and weight.shape[0] <= NARROW_OUTPUT_CHANNELS:
-            pads = []
-            for k, d in zip(reversed(weight.shape[2:]), reversed(dilation)):
-                pads += [d * (k - 1)] * 2
-            flipped = weight.flip(2, 3, 4).transpose(0, 1).contiguous()
-            gx = _valid_conv3d(F.pad(grad, pads), flipped, None, (1, 1, 1), dilation)
-            need_x = False
-        if not (need_x or need_w or need_b):
-            return gx, None, None, None, None
-        split = _depth_halves(x, weight, stride, dilation)
-        if split is not None:
-            half, length, start = split
-            x_in = torch.cat([x[:, :, :length], x[:, :, start:start + length]], 0)
-            g_in = torch.cat([grad[:, :, :half], grad[:, :, half:]], 0)
-        else:
-            x_in, g_in = x, grad
-        gx_in, gw, gb = torch.ops.aten.convolution_backward(
-            g_in, x_in, weight, [weight.shape[0]] if ctx.has_bias else None, list(stride), [0, 0, 0],
-            list(dilation), False, [0, 0, 0], 1, [need_x, need_w, need_b])
-        if need_x and split is not None:
-            gx = x.new_zeros(x.shape)
-            gx[:, :, :length] += gx_in[0:1]
-            gx[:, :, start:start + length] += gx_in[1:2]
-        elif need_x:
-            gx = gx_in
-        return gx, gw, gb, None, None
 
 
 class Conv3d(nn.Conv3d):
-    """nn.Conv3d with faster fp32 training steps on the CPU, the same convolution up to float rounding.
+    """nn.Conv3d that avoids PyTorch's slow fp32 kernel for a batch of one on the CPU.
 
-    On the CPU in fp32 (not under autocast, groups 1) the input is padded explicitly and the
-    convolution runs through `_valid_conv3d` (a batch of one as two depth halves, for oneDNN) and,
-    when a gradient is needed, `_CpuConv3dFunction` (the input gradient as a forward convolution).
-    Anywhere else (CUDA, bf16 autocast, float64) it is nn.Conv3d.
+    For a single fp32 volume on the CPU, PyTorch dispatches Conv3d to `slow_conv3d` instead
+    of oneDNN (measured 6-12x slower, forward+backward, 16 channels at 32^3). We split the
+    (explicitly padded) volume into two overlapping halves along depth and run them as a
+    batch of two, which takes the oneDNN path; the halves' outputs are exactly the two halves
+    of the full output, so the result is the same convolution (up to float rounding).
     """
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.groups != 1
+        if (x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32 or self.groups != 1
                 or torch.is_autocast_enabled("cpu")):
-            return super()._conv_forward(x, weight, bias)
-        training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if x.shape[0] != 1 and not training:
             return super()._conv_forward(x, weight, bias)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         elif any(self.padding):
             pd, ph, pw = self.padding
             x = F.pad(x, (pw, pw, ph, ph, pd, pd))
-        if training:
-            return _CpuConv3dFunction.apply(x, weight, bias, self.stride, self.dilation)
-        return _valid_conv3d(x, weight, bias, self.stride, self.dilation)
+        stride, span = self.stride[0], self.dilation[0] * (self.kernel_size[0] - 1) + 1
+        out_depth = (x.shape[2] - span) // stride + 1
+        if out_depth % 2:
+            return F.conv3d(x, weight, bias, self.stride, 0, self.dilation)
+        half = out_depth // 2
+        length = (half - 1) * stride + span
+        start = half * stride
+        pair = torch.cat([x[:, :, :length], x[:, :, start:start + length]], 0)
+        y = F.conv3d(pair, weight, bias, self.stride, 0, self.dilation)
+        return torch.cat([y[0:1], y[1:2]], 2)
 
 
 def pointwise_conv_one_modality(conv: nn.Module, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
