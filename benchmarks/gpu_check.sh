@@ -7,16 +7,8 @@
 # whatever remains of BUDGET_S seconds.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_results}; WHEELS=${WHEELS:-.whl}; BUDGET_S=${BUDGET_S:-510}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-T0=$(date +%s); el() { echo "[t=$(( $(date +%s) - T0 ))s] $*"; }
-if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHEELS"/*.whl 2>&1 | tail -2
-fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -2
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, passion; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.backends.cudnn.version())" | tee -a "$OUT/gpu.txt"
+BUDGET_S=${BUDGET_S:-510}
+source benchmarks/gpu_setup.sh
 el tests
 timeout 150 python3 -m pytest tests/test_cuda.py -o addopts="" -q -rfE -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/cuda_tests.txt"
 el train_step

@@ -8,15 +8,7 @@
 # matrix at 80^3 with four modalities, then torch.compile's first and steady steps.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_results}; WHEELS=${WHEELS:-.whl}
-mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
-export PYTHONUNBUFFERED=1
-T0=$(date +%s); el() { echo "[t=$(( $(date +%s) - T0 ))s] $*"; }
-if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "$WHEELS"/*.whl 2>&1 | tail -2
-fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -2
-python3 -c "import torch, passion; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.backends.cudnn.version())" | tee "$OUT/gpu.txt"
+source benchmarks/gpu_setup.sh
 el tests
 timeout "${T_TESTS:-110}" python3 -m pytest tests/test_cuda.py -o addopts="" -q -rfE -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/cuda_tests.txt"
 el profile
