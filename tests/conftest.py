@@ -20,9 +20,9 @@ def pytest_configure(config):
 # distributes tests one by one to whichever worker is free (--dist loadgroup), so starting these first
 # lets both workers end together instead of one running a long test that happened to be collected last.
 LONG_FIRST = (
-    "test_learning.py::test_overfits_one_phantom[rfnet-passion]",
     "test_learning.py::test_overfits_one_phantom[m2ftrans-passion]",
     "test_learning.py::test_overfits_one_phantom[m2ftrans-baseline]",
+    "test_learning.py::test_overfits_one_phantom[rfnet-passion]",
     "test_learning.py::test_overfits_one_phantom[mmformer-passion]",
     "test_demo_report.py::",
     "test_learning.py::test_overfits_one_phantom[",
