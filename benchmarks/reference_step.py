@@ -358,7 +358,9 @@ def compare(args) -> dict:
                             entry = {"time_x": round(ours["step_s_median"] / ref["step_s_median"], 2)}
                             if ours.get(mem_key) and ref.get(mem_key):
                                 entry[mem_key.replace("_mb", "_x")] = round(ours[mem_key] / ref[mem_key], 2)
-                            versus["/".join(str(cfg[k]) for k in ("model", "objective", "precision", "size"))] = entry
+                            key = "/".join(str(cfg[k]) for k in ("model", "objective", "precision", "size"))
+                            # the reference has no checkpointing: each of our modes is its own entry
+                            versus[key if ckpt == "off" else f"{key}/ckpt-{ckpt}"] = entry
                         print(json.dumps({"ours": ours, "reference": ref}), file=sys.stderr, flush=True)
     def ratios_of(results):  # train_step.ratios over the entries that have a time and a memory
         return ratios([r for r in results if "step_s_median" in r and mem_key.replace("_delta", "") in r])
