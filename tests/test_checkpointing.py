@@ -89,6 +89,35 @@ def test_backbone_without_declared_blocks_is_a_clear_error():
         model.set_activation_checkpointing("decoder")
 
 
+@pytest.mark.parametrize("mode", ["decoder", "all"])
+def test_all_mode_recomputes_the_loss_terms(mode):
+    """Under `all` a loss term keeps nothing for backward beyond its inputs (its probabilities,
+    logs and upsampled aux maps are recomputed); under `decoder` they are kept. Same gradients."""
+    from passion.method import losses as L
+    from passion.method.objectives.terms import fused_losses
+    from passion.models.interface import FusedOutput
+
+    model, _ = tiny("rfnet", mode)
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, C, 8, 8, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    aux = [torch.randn(2, C, 4, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)]
+    y = L.one_hot(torch.randint(0, C, (2, 8, 8, 8), generator=g), C).double()
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        l_fuse, l_aux = fused_losses(model, FusedOutput(logits=logits, aux_logits=aux), y)
+    grads = torch.autograd.grad(l_fuse + l_aux, [logits, *aux])
+    expected = torch.autograd.grad(L.seg_loss(torch.softmax(logits, 1), y).mean() + L.aux_seg_loss(aux, y).mean(),
+                                   [logits, *aux])
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    inputs = {t.data_ptr() for t in (logits, y, *aux)}
+    intermediates = [tuple(t.shape) for t in saved if t.data_ptr() not in inputs]
+    if mode == "all":
+        assert intermediates == []
+    else:
+        assert sum(shape == tuple(logits.shape) for shape in intermediates) >= 4, intermediates
+
+
 def test_no_checkpointing_without_grad():
     model, cfg = tiny("rfnet", "all")
     x = torch.randn(1, M, *cfg["patch_size"], dtype=torch.float64)

@@ -68,17 +68,27 @@ def upsample(probs: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(probs, size=tuple(size), mode=mode, align_corners=True)
 
 
+def call(fn, *args):
+    """The default `run` of the multi-term losses below: fn(*args). An objective may pass one that
+    checkpoints each term instead (objectives/terms.loss_term)."""
+    return fn(*args)
+
+
 def aux_weights(num_aux: int) -> list[float]:
     """2^-s for s = 1..S: the finest auxiliary map weighs 1/2."""
     return [2.0 ** -(s + 1) for s in range(num_aux)]
 
 
-def aux_seg_loss(aux_logits: Sequence[Tensor], y: Tensor) -> Tensor:
-    """sum_s 2^-s Seg(up(softmax(z^s)), y); softmax first, then upsample to the target size."""
+def _aux_term(z: Tensor, y: Tensor) -> Tensor:
+    return seg_loss(upsample(torch.softmax(at_least_fp32(z), dim=1), y.shape[2:]), y)
+
+
+def aux_seg_loss(aux_logits: Sequence[Tensor], y: Tensor, run=call) -> Tensor:
+    """sum_s 2^-s Seg(up(softmax(z^s)), y); softmax first, then upsample to the target size.
+    run(fn, *args) computes each term (see `call`)."""
     total = y.new_zeros(y.shape[0])
     for w, z in zip(aux_weights(len(aux_logits)), aux_logits):
-        p = upsample(torch.softmax(at_least_fp32(z), dim=1), y.shape[2:])
-        total = total + w * seg_loss(p, y)
+        total = total + w * run(_aux_term, z, y)
     return total
 
 
@@ -109,15 +119,17 @@ def tempered_kl(student: Tensor, teacher: Tensor, temperature: float,
 
 
 def kl_with_aux(student: Tensor, teacher: Tensor, student_aux: Sequence[Tensor],
-                teacher_aux: Sequence[Tensor], temperature: float, rows: Tensor | None = None) -> Tensor:
+                teacher_aux: Sequence[Tensor], temperature: float, rows: Tensor | None = None,
+                run=call) -> Tensor:
     """KL_T(z_m, z) + sum_s 2^-s KL_T(z_m^s, z^s), aux maps upsampled to the main logits' size.
 
     rows: as in `tempered_kl` (teacher row of each student row; None: row p of both).
+    run(fn, *args) computes each term (see `call`).
     """
     size = student.shape[2:]
-    total = tempered_kl(student, teacher, temperature, rows=rows)
+    total = run(tempered_kl, student, teacher, temperature, None, rows)
     for w, zs, zt in zip(aux_weights(len(student_aux)), student_aux, teacher_aux):
-        total = total + w * tempered_kl(zs, zt, temperature, size, rows=rows)
+        total = total + w * run(tempered_kl, zs, zt, temperature, size, rows)
     return total
 
 

@@ -6,7 +6,8 @@ masks): the same values and gradients for less memory and one more forward of th
 
 Modes: ``off``; ``decoder``: every block that runs after ``encode`` (fusion, transformers after
 the encoders, fusion and single-modality decoders), where PASSION's extra passes multiply the
-activations; ``all``: the encoders' blocks too. A backbone declares which module types are
+activations; ``all``: the encoders' blocks too, and the objectives recompute their full-resolution
+loss terms as well (method/objectives/terms.loss_term reads the mode the backbone records). A backbone declares which module types are
 blocks (``checkpoint_blocks``) and which modules make up ``encode`` (``encoder_modules``).
 
 The wrapper replaces ``forward`` on the block instance, so parameter names, state dicts and
@@ -62,6 +63,7 @@ def set_activation_checkpointing(model: nn.Module, mode: str) -> list[nn.Module]
                          f"got {mode!r}")
     for module in model.modules():
         _unwrap(module)
+    model.activation_checkpointing = "off"
     if mode == "off":
         return []
     types = tuple(model.checkpoint_blocks)
@@ -72,4 +74,5 @@ def set_activation_checkpointing(model: nn.Module, mode: str) -> list[nn.Module]
     blocks = outermost_blocks(model, types, skip)
     for block in blocks:
         _wrap(block)
+    model.activation_checkpointing = mode
     return blocks

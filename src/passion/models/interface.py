@@ -85,6 +85,7 @@ class Backbone(nn.Module, abc.ABC):
     spatial_dims: int = 3
     # module types whose activations train.activation_checkpointing recomputes (models/checkpointing.py)
     checkpoint_blocks: tuple[type[nn.Module], ...] = ()
+    activation_checkpointing: str = "off"  # the mode set_activation_checkpointing applied
 
     @abc.abstractmethod
     def encode(self, x: Tensor, mask: Tensor) -> Features: ...

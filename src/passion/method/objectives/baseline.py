@@ -26,7 +26,7 @@ class BaselineObjective(Objective):
             l_fuse = l_aux = sep_m.new_zeros(())
             loss = sep_m.sum()
         else:
-            l_fuse, l_aux = fused_losses(fused, y)
+            l_fuse, l_aux = fused_losses(model, fused, y)
             loss = l_fuse + l_aux + sep_m.sum()
         vals = torch.cat([torch.stack([loss, l_fuse, l_aux]), sep_m]).detach().cpu().tolist()
         stats = {"loss": vals[0], "fuse": vals[1], "aux": vals[2], "sep": self.per_modality(vals[3:])}

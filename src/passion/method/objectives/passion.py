@@ -12,7 +12,8 @@ from .. import losses as L
 from ..preference import PreferenceState, preference_gate, relative_preference_sums
 from .base import (TRAINING_CURVES, FigureInfo, ObjectiveOutput, Objective, Options, StatInfo, Stats, option_names,
                    parse_options, register_objective)
-from .terms import SEG_STATS, available_pairs, encode, fused_losses, scatter_pairs, sep_losses
+from .terms import (SEG_STATS, available_pairs, encode, fused_losses, loss_term, scatter_pairs, sep_losses,
+                    term_runner)
 
 
 @dataclass
@@ -91,11 +92,11 @@ class PassionObjective(Objective):
         # teacher (the actual mask) and students (one-hot masks), one batched pass where the backbone can
         fused, single = model.fuse_teacher_and_singles(features, mask, b_idx, m_idx)
         y = L.one_hot(target, fused.logits.shape[1])
-        l_fuse, l_aux = fused_losses(fused, y)
+        l_fuse, l_aux = fused_losses(model, fused, y)
         sep_m = sep_losses(model, features, a, y, b_idx, m_idx).sum(dim=0) / shape[0]
 
-        kl_bm = scatter_pairs(self._kl_pairs(fused, single, b_idx), b_idx, m_idx, shape)
-        proto_vals, dist_vals = self._proto_pairs(fused, single, target, b_idx)
+        kl_bm = scatter_pairs(self._kl_pairs(model, fused, single, b_idx), b_idx, m_idx, shape)
+        proto_vals, dist_vals = self._proto_pairs(model, fused, single, target, b_idx)
         proto_bm = scatter_pairs(proto_vals, b_idx, m_idx, shape)
         d_bm = scatter_pairs(dist_vals.detach(), b_idx, m_idx, shape)
 
@@ -128,14 +129,14 @@ class PassionObjective(Objective):
         per_mod = torch.stack([sep_m, zeros, zeros, zeros, ones, beta, zeros, w])
         return ObjectiveOutput(l_sep, self._stats(scalars, per_mod))
 
-    def _kl_pairs(self, fused: FusedOutput, single: FusedOutput, b_idx: Tensor) -> Tensor:
+    def _kl_pairs(self, model: nn.Module, fused: FusedOutput, single: FusedOutput, b_idx: Tensor) -> Tensor:
         """[P] KL_T(z_m, z) + sum_s 2^-s KL_T(z_m^s, z^s) against the detached teacher."""
         teacher = fused.logits.detach()
         teacher_aux = [t.detach() for t in fused.aux_logits]
         return L.kl_with_aux(single.logits, teacher, single.aux_logits, teacher_aux, self.options.temperature,
-                             rows=b_idx)
+                             rows=b_idx, run=term_runner(model))
 
-    def _proto_pairs(self, fused: FusedOutput, single: FusedOutput, target: Tensor,
+    def _proto_pairs(self, model: nn.Module, fused: FusedOutput, single: FusedOutput, target: Tensor,
                      b_idx: Tensor) -> tuple[Tensor, Tensor]:
         """[P] proto MSE and distance on g^1; classes present in every sample of the global batch."""
         g_teacher = fused.decoder_features[0].detach()
@@ -143,7 +144,7 @@ class PassionObjective(Objective):
         y_g = L.one_hot(L.target_at(target, g_teacher.shape[2:]), fused.logits.shape[1])
         missing = self.all_reduce(L.class_missing_counts(y_g))
         classes = missing == 0
-        return L.proto_distill(g_student, g_teacher, y_g, classes, rows=b_idx)
+        return loss_term(model, L.proto_distill, g_student, g_teacher, y_g, classes, b_idx)
 
     def _stats(self, scalars: Tensor, per_mod: Tensor) -> Stats:
         s = scalars.detach().float().cpu().tolist()

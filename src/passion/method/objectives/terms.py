@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ...models.interface import Features, FusedOutput
 from ...utils import PassionError
@@ -63,6 +64,20 @@ def class_probs(logits: Tensor) -> Tensor:
     return torch.softmax(L.at_least_fp32(logits), dim=1)
 
 
+def loss_term(model: nn.Module, fn, *args):
+    """fn(*args), a loss term on full-resolution maps. Under activation checkpointing ``all`` its
+    intermediates (probabilities, logs, upsampled aux maps) are recomputed in the backward pass
+    instead of kept, one term at a time: the same values and gradients."""
+    if getattr(model, "activation_checkpointing", "off") != "all" or not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+def term_runner(model: nn.Module):
+    """The `run` argument of losses.aux_seg_loss / kl_with_aux: each term through `loss_term`."""
+    return lambda fn, *args: loss_term(model, fn, *args)
+
+
 def encode(model: nn.Module, batch: dict[str, Tensor], setting: str):
     """(image, target, mask, availability a, features): the one encoder pass of a step."""
     check_model(model)
@@ -76,15 +91,24 @@ def sep_losses(model: nn.Module, features: Features, a: Tensor, y: Tensor,
                b_idx: Tensor, m_idx: Tensor) -> Tensor:
     """[B, M] Seg(p_m, y) for available pairs, exact zeros elsewhere."""
     logits = model.decode_single(features, a)  # [B, M, C, *]
-    vals = L.seg_loss(class_probs(logits[b_idx, m_idx]), y.index_select(0, b_idx))
+    vals = loss_term(model, _pair_seg_losses, logits, y, b_idx, m_idx)
     return scatter_pairs(vals, b_idx, m_idx, tuple(a.shape))
 
 
-def fused_losses(fused: FusedOutput, y: Tensor) -> tuple[Tensor, Tensor]:
+def _pair_seg_losses(logits: Tensor, y: Tensor, b_idx: Tensor, m_idx: Tensor) -> Tensor:
+    return L.seg_loss(class_probs(logits[b_idx, m_idx]), y.index_select(0, b_idx))
+
+
+def fused_losses(model: nn.Module, fused: FusedOutput, y: Tensor) -> tuple[Tensor, Tensor]:
     """Batch means of L_fuse and L_aux."""
-    l_fuse = L.seg_loss(class_probs(fused.logits), y).mean()
-    l_aux = L.aux_seg_loss(fused.aux_logits, y).mean() if fused.aux_logits else y.new_zeros(())
+    l_fuse = loss_term(model, _logit_seg_loss, fused.logits, y).mean()
+    l_aux = (L.aux_seg_loss(fused.aux_logits, y, run=term_runner(model)).mean() if fused.aux_logits
+             else y.new_zeros(()))
     return l_fuse, l_aux
+
+
+def _logit_seg_loss(logits: Tensor, y: Tensor) -> Tensor:
+    return L.seg_loss(class_probs(logits), y)
 
 
 # ---------------------------------------------------------------- the baseline's pieces, for balancers
@@ -121,11 +145,11 @@ def seg_terms(obj: Objective, model: nn.Module, batch: dict[str, Tensor], epoch:
     logits = model.decode_single(features, a)  # [B, M, C, *]
     probs = class_probs(logits[b_idx, m_idx])
     y_pairs = y.index_select(0, b_idx)
-    sep_bm = scatter_pairs(L.seg_loss(probs, y_pairs), b_idx, m_idx, tuple(a.shape))
+    sep_bm = scatter_pairs(loss_term(model, L.seg_loss, probs, y_pairs), b_idx, m_idx, tuple(a.shape))
     if fused is None:
         l_fuse = l_aux = sep_bm.new_zeros(())
     else:
-        l_fuse, l_aux = fused_losses(fused, y)
+        l_fuse, l_aux = fused_losses(model, fused, y)
     return SegTerms(l_fuse, l_aux, sep_bm, a.float(), b_idx, m_idx, probs, y_pairs, target, features, warm)
 
 
