@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from . import register_model
-from .blocks import ConvNormAct, conv_cls, kaiming_init, upsample_to
+from .blocks import ConcatConvNormAct, ConvNormAct, UpsampleConvNormAct, conv_cls, kaiming_init
 from .interface import Backbone, Features, FusedOutput
 from .rfnet_fusion import RegionAwareFusion, RegionPriorGenerator, rfnet_cna
 from .rows import Rows
@@ -97,16 +97,16 @@ class _UpBlock(nn.Module):
     def __init__(self, in_ch: int, dims: int):
         super().__init__()
         out_ch = in_ch // 2
-        self.up_conv = rfnet_cna(in_ch, out_ch, dims=dims)         # reference d{l}_c1
-        self.merge = rfnet_cna(2 * out_ch, out_ch, dims=dims)      # reference d{l}_c2
-        self.out = rfnet_cna(out_ch, out_ch, kernel=1, dims=dims)  # reference d{l}_out
+        self.up_conv = rfnet_cna(in_ch, out_ch, dims=dims, cls=UpsampleConvNormAct)  # reference d{l}_c1
+        self.merge = rfnet_cna(2 * out_ch, out_ch, dims=dims, cls=ConcatConvNormAct)  # reference d{l}_c2
+        self.out = rfnet_cna(out_ch, out_ch, kernel=1, dims=dims)                     # reference d{l}_out
 
     def up(self, x: Tensor, like) -> Tensor:
         """like: a tensor or a spatial size."""
-        return self.up_conv(upsample_to(x, like))
+        return self.up_conv(x, like)
 
     def combine(self, first: Tensor, second: Tensor) -> Tensor:
-        return self.out(self.merge(torch.cat((first, second), dim=1)))
+        return self.out(self.merge(first, second))
 
 
 class SeparateDecoder(nn.Module):

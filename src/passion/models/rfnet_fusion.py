@@ -13,9 +13,11 @@ from .blocks import ConvNormAct, conv_cls, pointwise_conv_one_modality
 from .rows import Rows
 
 
-def rfnet_cna(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3) -> ConvNormAct:
-    """The reference's ``general_conv3d``: conv (reflect pad) + non-affine IN + LeakyReLU(0.2)."""
-    return ConvNormAct(in_ch, out_ch, kernel=kernel, stride=stride, dims=dims, affine=False)
+def rfnet_cna(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3,
+              cls: type[ConvNormAct] = ConvNormAct) -> ConvNormAct:
+    """The reference's ``general_conv3d``: conv (reflect pad) + non-affine IN + LeakyReLU(0.2);
+    `cls` may be a ConvNormAct subclass that upsamples or concatenates its inputs first."""
+    return cls(in_ch, out_ch, kernel=kernel, stride=stride, dims=dims, affine=False)
 
 
 def _pointwise_one_modality(cna: ConvNormAct, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
