@@ -118,6 +118,19 @@ def test_all_mode_recomputes_the_loss_terms(mode):
         assert sum(shape == tuple(logits.shape) for shape in intermediates) >= 4, intermediates
 
 
+def test_rfnet_decoder_blocks_keep_neither_the_upsampled_map_nor_the_concatenation():
+    model, _ = tiny("rfnet", "decoder")
+    block = model.decoder_sep.blocks[0]  # 8w -> 4w channels: 32 -> 16 at width 4
+    x = torch.randn(1, 32, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(1, 16, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    saved: list[tuple] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = block.combine(block.up(x, skip), skip)
+    assert (1, 32, 4, 4, 4) not in saved, saved  # neither up(x) before its conv nor cat(up, skip)
+    y.sum().backward()
+    assert x.grad is not None and skip.grad is not None
+
+
 def test_no_checkpointing_without_grad():
     model, cfg = tiny("rfnet", "all")
     x = torch.randn(1, M, *cfg["patch_size"], dtype=torch.float64)
