@@ -7,8 +7,9 @@ masks): the same values and gradients for less memory and one more forward of th
 Modes: ``off``; ``decoder``: every block that runs after ``encode`` (fusion, transformers after
 the encoders, fusion and single-modality decoders), where PASSION's extra passes multiply the
 activations; ``all``: the encoders' blocks too, and the objectives recompute their full-resolution
-loss terms as well (method/objectives/terms.loss_term reads the mode the backbone records). A backbone declares which module types are
-blocks (``checkpoint_blocks``) and which modules make up ``encode`` (``encoder_modules``).
+loss terms as well (method/objectives/terms.loss_term reads the mode the backbone records). A
+backbone declares which module types are blocks (``checkpoint_blocks``) and which modules make up
+``encode`` (``encoder_modules``).
 
 The wrapper replaces ``forward`` on the block instance, so parameter names, state dicts and
 checkpoints are the same in every mode.

@@ -96,7 +96,8 @@ def sep_losses(model: nn.Module, features: Features, a: Tensor, y: Tensor,
 
 
 def _pair_seg_losses(logits: Tensor, y: Tensor, b_idx: Tensor, m_idx: Tensor) -> Tensor:
-    return L.seg_loss(class_probs(logits[b_idx, m_idx]), y.index_select(0, b_idx))
+    """The pairs are gathered inside the term, so a recomputed term does not keep the gathered copy."""
+    return _logit_seg_loss(logits[b_idx, m_idx], y.index_select(0, b_idx))
 
 
 def fused_losses(model: nn.Module, fused: FusedOutput, y: Tensor) -> tuple[Tensor, Tensor]:
