@@ -118,15 +118,32 @@ def test_all_mode_recomputes_the_loss_terms(mode):
         assert sum(shape == tuple(logits.shape) for shape in intermediates) >= 4, intermediates
 
 
-def test_rfnet_decoder_blocks_keep_neither_the_upsampled_map_nor_the_concatenation():
-    model, _ = tiny("rfnet", "decoder")
-    block = model.decoder_sep.blocks[0]  # 8w -> 4w channels: 32 -> 16 at width 4
-    x = torch.randn(1, 32, 2, 2, 2, dtype=torch.float64, requires_grad=True)
-    skip = torch.randn(1, 16, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+def _rfnet_up_and_merge(model):
+    block = model.decoder_sep.blocks[0]
+    return block.up, block.combine
+
+
+DECODER_LEVEL0 = {  # (up-convolution, merge) of the finest decoder level: their input is 2w channels
+    "rfnet sep": (_rfnet_up_and_merge, 8),  # 8w -> 4w in RFNet's decoder
+    "mmformer sep": (lambda m: tuple(m.decoder_sep.ups[0][:2]), 2),
+    "mmformer fuse": (lambda m: (m.decoder_fuse.up_convs[0], m.decoder_fuse.merge[0]), 2),
+    "m2ftrans sep": (lambda m: tuple(m.decoder_sep.ups[0][:2]), 2),
+    "m2ftrans fuse": (lambda m: (m.decoder_fuse.up_convs[0], m.decoder_fuse.merge[0]), 2),
+}
+
+
+@pytest.mark.parametrize("decoder", DECODER_LEVEL0)
+def test_checkpointed_decoder_blocks_keep_neither_the_upsampled_map_nor_the_concatenation(decoder):
+    get_blocks, factor = DECODER_LEVEL0[decoder]
+    model, cfg = tiny(decoder.split()[0], "decoder")
+    up, merge = get_blocks(model)
+    width = cfg["base_width"] * factor // 2  # output width of the level; its inputs have twice that
+    x = torch.randn(1, 2 * width, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(1, width, 4, 4, 4, dtype=torch.float64, requires_grad=True)
     saved: list[tuple] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        y = block.combine(block.up(x, skip), skip)
-    assert (1, 32, 4, 4, 4) not in saved, saved  # neither up(x) before its conv nor cat(up, skip)
+        y = merge(up(x, skip), skip)
+    assert (1, 2 * width, 4, 4, 4) not in saved, saved  # neither up(x) before its conv nor cat(up, skip)
     y.sum().backward()
     assert x.grad is not None and skip.grad is not None
 

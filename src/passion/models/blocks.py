@@ -86,20 +86,30 @@ class ConvNormAct(nn.Module):
         return self.act(self.norm(self.conv(x)))
 
 
-class UpsampleConvNormAct(ConvNormAct):
-    """upsample_to(x, size), then conv -> norm -> act, as one module: a checkpointed block then keeps
-    its coarse input for backward instead of the upsampled one (8x smaller in 3D)."""
+class UpsampleInput:
+    """Mixin for a conv block: ``forward(x, size)`` resizes x to `size` first, inside the block, so
+    a checkpointed block keeps its coarse input for backward instead of the upsampled one (8x
+    smaller in 3D)."""
 
     def forward(self, x, size):
         return super().forward(upsample_to(x, size))
 
 
-class ConcatConvNormAct(ConvNormAct):
-    """conv -> norm -> act of the channel concatenation of its inputs, as one module: a checkpointed
-    block then keeps the inputs (alive anyway) for backward, not their concatenation."""
+class ConcatInputs:
+    """Mixin for a conv block: ``forward(*xs)`` runs on the channel concatenation of its inputs,
+    built inside the block, so a checkpointed block keeps the inputs (alive anyway), not their
+    concatenation."""
 
     def forward(self, *xs):
         return super().forward(torch.cat(xs, dim=1))
+
+
+class UpsampleConvNormAct(UpsampleInput, ConvNormAct):
+    """``upsample_to`` then conv -> norm -> act."""
+
+
+class ConcatConvNormAct(ConcatInputs, ConvNormAct):
+    """conv -> norm -> act of the concatenated inputs."""
 
 
 def interp_mode(dims: int) -> str:

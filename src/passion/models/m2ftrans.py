@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_model
-from .blocks import ConvNormAct, conv_cls, kaiming_init, pointwise_conv_one_modality, upsample_to
+from .blocks import ConvNormAct, conv_cls, kaiming_init, pointwise_conv_one_modality
 from .interface import Backbone, Features, FusedOutput
-from .mmformer import (NUM_SCALES, ModalityEncoder, SeparateDecoder, check_config, check_input,
+from .mmformer import (NUM_SCALES, POSTNORM, ModalityEncoder, SeparateDecoder, check_config, check_input,
                        decode_available, postnorm_block, run_per_modality)
 from .rows import Rows
 from .transformer import PositionEmbedding, Transformer, TransformerBlock, tokens_to_grid
@@ -190,14 +190,14 @@ class M2FTransFusionDecoder(nn.Module):
                  cross_expand: int = 4, cross_drop: float = 0.1):
         super().__init__()
         widths = [width * 2 ** level for level in range(NUM_SCALES)]
-        self.bottom_merge = postnorm_block(2 * widths[4], widths[4], 3, 1, dims)
+        self.bottom_merge = POSTNORM.concat(2 * widths[4], widths[4], 3, 1, dims)
         self.bottom_out = postnorm_block(widths[4], widths[4], 1, 1, dims)
         self.cross = nn.ModuleList(MultiCrossToken(w, num_modalities, dims, cross_layers, cross_expand, cross_drop)
                                    for w in widths[3:])  # levels 3, 4
         self.conv_fusion = nn.ModuleList(PostFusionBlock(num_modalities * w, w, dims) for w in widths[:3])
         # level l < 4: up_convs[l] maps the upsampled level-(l+1) feature 2w -> w, merge, 1x1 out
-        self.up_convs = nn.ModuleList(postnorm_block(2 * w, w, 3, 1, dims) for w in widths[:-1])
-        self.merge = nn.ModuleList(postnorm_block(2 * w, w, 3, 1, dims) for w in widths[:-1])
+        self.up_convs = nn.ModuleList(POSTNORM.upsample(2 * w, w, 3, 1, dims) for w in widths[:-1])
+        self.merge = nn.ModuleList(POSTNORM.concat(2 * w, w, 3, 1, dims) for w in widths[:-1])
         self.outs = nn.ModuleList(postnorm_block(w, w, 1, 1, dims) for w in widths[:-1])
         self.aux_heads = nn.ModuleList(AuxHead(w, num_classes, dims) for w in widths)
         self.seg = conv_cls(dims)(width, num_classes, 1)
@@ -213,8 +213,8 @@ class M2FTransFusionDecoder(nn.Module):
         dims = fusion.dim() - 2
         aux[4] = self.aux_heads[4](fusion)
         x = self.cross[1](feats[4], fusion, mask)
-        x = self.bottom_out(self.bottom_merge(torch.cat((x, fusion), dim=1)))
-        x = self.up_convs[3](upsample_to(x, feats[3].shape[-dims:]))
+        x = self.bottom_out(self.bottom_merge(x, fusion))
+        x = self.up_convs[3](x, feats[3].shape[-dims:])
         for level in reversed(range(NUM_SCALES - 1)):
             dec[level + 1] = x
             aux[level] = self.aux_heads[level](x)
@@ -226,9 +226,9 @@ class M2FTransFusionDecoder(nn.Module):
                 fused = rows.apply(
                     lambda full: block(Backbone.zero_unavailable(full, mask[:n]).flatten(1, 2)),
                     lambda one, present: block.one_modality(one, present, mask.shape[1]))
-            x = self.outs[level](self.merge[level](torch.cat((fused, x), dim=1)))
+            x = self.outs[level](self.merge[level](fused, x))
             if level > 0:
-                x = self.up_convs[level - 1](upsample_to(x, Rows.of(feats[level - 1]).spatial))
+                x = self.up_convs[level - 1](x, Rows.of(feats[level - 1]).spatial)
         dec[0] = x
         return FusedOutput(logits=self.seg(x), aux_logits=aux, decoder_features=dec)
 
@@ -266,7 +266,7 @@ class M2FTrans(Backbone):
         self.transformer = Transformer(dim, depth, num_heads, int(mlp_dim or 32 * dim), dropout)
         self.decoder_fuse = M2FTransFusionDecoder(base_width, num_modalities, num_classes, dims, cross_layers,
                                                   cross_expand, cross_dropout)
-        self.decoder_sep = SeparateDecoder(base_width, num_classes, dims, postnorm_block)
+        self.decoder_sep = SeparateDecoder(base_width, num_classes, dims, POSTNORM)
         kaiming_init(self)
         groups = torch.arange(num_modalities + 1).repeat_interleave(self.num_tokens)
         self.register_buffer("token_groups", groups, persistent=False)

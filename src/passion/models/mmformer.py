@@ -24,13 +24,15 @@ with the T1 mask; here ``fuse`` always takes the mask from the caller, per sampl
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import register_model
-from .blocks import ConvNormAct, conv_cls, kaiming_init, norm_cls, pointwise_conv_one_modality, upsample_to
+from .blocks import (ConcatConvNormAct, ConcatInputs, ConvNormAct, UpsampleConvNormAct, UpsampleInput, conv_cls,
+                     kaiming_init, norm_cls, pointwise_conv_one_modality)
 from .interface import Backbone, Features, FusedOutput
 from .rows import Rows
 from .transformer import (PositionEmbedding, Transformer, TransformerBlock, grid_to_tokens, token_grid,
@@ -57,13 +59,41 @@ class PreNormConv(nn.Module):
         return self.conv(self.act(self.norm(x)))
 
 
+class UpsamplePreNormConv(UpsampleInput, PreNormConv):
+    """``upsample_to`` then the pre-norm conv."""
+
+
+class ConcatPreNormConv(ConcatInputs, PreNormConv):
+    """The pre-norm conv of the concatenated inputs."""
+
+
 def prenorm_block(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3) -> nn.Module:
     return PreNormConv(in_ch, out_ch, kernel, stride, dims)
 
 
-def postnorm_block(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3) -> nn.Module:
-    """conv -> InstanceNorm (no affine) -> LeakyReLU(0.2): the reference ``general_conv3d``."""
-    return ConvNormAct(in_ch, out_ch, kernel, stride=stride, dims=dims, affine=False)
+def _postnorm(cls: type[ConvNormAct]) -> Callable[..., nn.Module]:
+    def build(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3) -> nn.Module:
+        return cls(in_ch, out_ch, kernel, stride=stride, dims=dims, affine=False)
+    return build
+
+
+postnorm_block = _postnorm(ConvNormAct)
+postnorm_block.__doc__ = "conv -> InstanceNorm (no affine) -> LeakyReLU(0.2): the reference ``general_conv3d``."
+
+
+class BlockFamily(NamedTuple):
+    """One conv block type, ``(in_ch, out_ch, kernel, stride, dims) -> module``, and its variants
+    that upsample their input / concatenate their inputs inside the block (blocks.UpsampleInput,
+    blocks.ConcatInputs): a decoder built from them keeps neither the upsampled map nor the
+    concatenation under activation checkpointing."""
+
+    plain: Callable[..., nn.Module]
+    upsample: Callable[..., nn.Module]
+    concat: Callable[..., nn.Module]
+
+
+PRENORM = BlockFamily(prenorm_block, UpsamplePreNormConv, ConcatPreNormConv)
+POSTNORM = BlockFamily(postnorm_block, _postnorm(UpsampleConvNormAct), _postnorm(ConcatConvNormAct))
 
 
 class ModalityEncoder(nn.Module):
@@ -96,13 +126,13 @@ class ModalityEncoder(nn.Module):
 class SeparateDecoder(nn.Module):
     """The shared single-modality decoder (reference ``Decoder_sep``); returns logits."""
 
-    def __init__(self, width: int, num_classes: int, dims: int, block):
+    def __init__(self, width: int, num_classes: int, dims: int, blocks: BlockFamily):
         super().__init__()
         self.ups = nn.ModuleList()  # level l (0-based, finest 0): up-conv from 2w to w, merge, 1x1
         for level in range(NUM_SCALES - 1):
             w = width * 2 ** level
-            self.ups.append(nn.ModuleList([block(2 * w, w, 3, 1, dims), block(2 * w, w, 3, 1, dims),
-                                           block(w, w, 1, 1, dims)]))
+            self.ups.append(nn.ModuleList([blocks.upsample(2 * w, w, 3, 1, dims), blocks.concat(2 * w, w, 3, 1, dims),
+                                           blocks.plain(w, w, 1, 1, dims)]))
         self.seg = conv_cls(dims)(width, num_classes, 1)
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
@@ -110,8 +140,7 @@ class SeparateDecoder(nn.Module):
         for level in reversed(range(NUM_SCALES - 1)):
             c1, c2, out = self.ups[level]
             skip = feats[level]
-            x = c1(upsample_to(x, skip))
-            x = out(c2(torch.cat((x, skip), dim=1)))
+            x = out(c2(c1(x, skip), skip))
         return self.seg(x)
 
 
@@ -223,8 +252,8 @@ class MMFormerFusionDecoder(nn.Module):
         self.num_modalities = num_modalities
         self.fusion = nn.ModuleList(FusionBlock(num_modalities * w, w, dims) for w in widths)
         # level l < 4: c1 maps the upsampled level-(l+1) feature 2w -> w; c2 merges; out is 1x1
-        self.up_convs = nn.ModuleList(prenorm_block(2 * w, w, 3, 1, dims) for w in widths[:-1])
-        self.merge = nn.ModuleList(prenorm_block(2 * w, w, 3, 1, dims) for w in widths[:-1])
+        self.up_convs = nn.ModuleList(PRENORM.upsample(2 * w, w, 3, 1, dims) for w in widths[:-1])
+        self.merge = nn.ModuleList(PRENORM.concat(2 * w, w, 3, 1, dims) for w in widths[:-1])
         self.outs = nn.ModuleList(prenorm_block(w, w, 1, 1, dims) for w in widths[:-1])
         # deep supervision on the decoder features of levels 1..4 (coarser than the output)
         self.aux_heads = nn.ModuleList(conv(w, num_classes, 1) for w in widths[1:])
@@ -237,12 +266,11 @@ class MMFormerFusionDecoder(nn.Module):
         feats[-1] = self.fusion[-1](bottleneck)
         for level in reversed(range(NUM_SCALES - 1)):
             skip = Rows.of(skips[level])
-            up = self.up_convs[level](upsample_to(feats[level + 1], skip.spatial))
+            up = self.up_convs[level](feats[level + 1], skip.spatial)
             block = self.fusion[level]
             fused = skip.apply(lambda full: block(full.flatten(1, 2)),
                                lambda one, present: block.one_modality(one, present, self.num_modalities))
-            merged = torch.cat((fused, up), dim=1)
-            feats[level] = self.outs[level](self.merge[level](merged))
+            feats[level] = self.outs[level](self.merge[level](fused, up))
         aux = [head(f) for head, f in zip(self.aux_heads, feats[1:])]
         return FusedOutput(logits=self.seg(feats[0]), aux_logits=aux, decoder_features=feats)
 
@@ -288,7 +316,7 @@ class MMFormer(Backbone):
         self.inter_transformer = Transformer(dim, depth, num_heads, mlp, dropout)
         self.inter_conv = conv(num_modalities * dim, num_modalities * bottom, 1)
         self.decoder_fuse = MMFormerFusionDecoder(base_width, num_modalities, num_classes, spatial_dims)
-        self.decoder_sep = SeparateDecoder(base_width, num_classes, spatial_dims, prenorm_block)
+        self.decoder_sep = SeparateDecoder(base_width, num_classes, spatial_dims, PRENORM)
         kaiming_init(self)
 
     def modality_parameters(self, m: int) -> list[nn.Parameter]:
