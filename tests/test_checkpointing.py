@@ -148,6 +148,20 @@ def test_checkpointed_decoder_blocks_keep_neither_the_upsampled_map_nor_the_conc
     assert x.grad is not None and skip.grad is not None
 
 
+@pytest.mark.parametrize("name", ["mmformer", "m2ftrans"])
+def test_all_mode_encoder_stage_keeps_only_its_input(name):
+    model, cfg = tiny(name, "all")
+    stage = model.encoders[0].stages[1]  # w -> 2w channels, stride 2
+    width = cfg["base_width"]
+    x = torch.randn(1, width, 8, 8, 8, dtype=torch.float64, requires_grad=True)
+    saved: list[tuple] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = stage(x)
+    assert (1, 2 * width, 4, 4, 4) not in saved, saved  # neither c1(x) nor c2(c1(x))
+    y.sum().backward()
+    assert x.grad is not None
+
+
 def test_no_checkpointing_without_grad():
     model, cfg = tiny("rfnet", "all")
     x = torch.randn(1, M, *cfg["patch_size"], dtype=torch.float64)

@@ -332,3 +332,26 @@ def test_rfnet_default_component_counts():
     count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
     assert count(model.encoders) == 4 * 366_912
     assert count(model.decoder_fuse) + count(model.decoder_sep) == 2_381_792 - 4 * 366_912
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_one_modality_fusion_rows_and_the_single_modality_decoder_share_one_gather(name):
+    model, cfg = tiny(name)
+    x = images(cfg, 2)
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    features = model.encode(x, mask)
+    b_idx, m_idx = mask.nonzero(as_tuple=True)
+    gathered = features.pair_scales(b_idx, m_idx)
+    for level, scale in enumerate(features.scales):
+        torch.testing.assert_close(gathered[level], scale[b_idx, m_idx], rtol=0, atol=0)
+    calls = []
+    original = features.pair_scales
+    features.pair_scales = lambda b, m: calls.append(original(b, m)) or calls[-1]
+    for stage in (lambda: model.fuse_teacher_and_singles(features, mask, b_idx, m_idx),
+                  lambda: model.decode_single(features, mask)):
+        calls.clear()
+        stage()
+        assert calls and all(c is gathered for c in calls), "a second copy of the pairs' features was gathered"
+    every = torch.ones(2, M, dtype=torch.bool).nonzero(as_tuple=True)
+    views = features.pair_scales(*every)  # every pair in row-major order: views of the stacked features
+    assert all(v._base is s for v, s in zip(views, features.scales))

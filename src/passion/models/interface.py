@@ -41,6 +41,7 @@ class Features:
 
     scales: list[Tensor]
     extra: dict[str, Tensor] = field(default_factory=dict)
+    _pairs: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -52,6 +53,44 @@ class Features:
     def repeat_each(self, times: int) -> "Features":
         """Repeat every sample `times` times consecutively ([B, ...] -> [B*times, ...])."""
         return self.map(lambda t: t.repeat_interleave(times, dim=0))
+
+    def pair_scales(self, b_idx: Tensor, m_idx: Tensor) -> list[Tensor]:
+        """``scales[l][b_idx, m_idx]`` ([P, C_l, *S_l]) for every level, gathered once for a list of
+        (sample, modality) pairs: PASSION's one-modality fusion rows and the single-modality decoder
+        use the same pairs, and sharing the copies keeps one of them for backward instead of two."""
+        if self._pairs is not None:
+            b_old, m_old, gathered = self._pairs
+            if b_old.shape == b_idx.shape and torch.equal(b_old, b_idx) and torch.equal(m_old, m_idx):
+                return gathered
+        batch, mods = self.scales[0].shape[:2]
+        if b_idx.numel() == batch * mods and torch.equal(m_idx, _all_pairs(batch, mods, m_idx.device)[1]) \
+                and torch.equal(b_idx, _all_pairs(batch, mods, b_idx.device)[0]):
+            gathered = [s.flatten(0, 1) for s in self.scales]  # every pair, row-major: views, no copy
+        else:
+            gathered = [s[b_idx, m_idx] for s in self.scales]
+        self._pairs = (b_idx, m_idx, gathered)
+        return gathered
+
+
+def _all_pairs(batch: int, mods: int, device) -> tuple[Tensor, Tensor]:
+    return torch.ones(batch, mods, dtype=torch.bool, device=device).nonzero(as_tuple=True)
+
+
+def decode_available(decoder: nn.Module, features: Features, mask: Tensor | None, num_classes: int) -> Tensor:
+    """``decode_single`` for a decoder over [P, C_l, *S_l] scales: run it once on all available
+    (b, m) pairs (``Features.pair_scales``) and return [B, M, num_classes, *S_0], zeros elsewhere."""
+    first = features.scales[0]
+    batch, mods = first.shape[:2]
+    if mask is None:
+        mask = torch.ones(batch, mods, dtype=torch.bool, device=first.device)
+    b, m = mask.to(device=first.device, dtype=torch.bool).nonzero(as_tuple=True)
+    shape = (batch, mods, num_classes) + tuple(first.shape[3:])
+    if b.numel() == 0:
+        return first.new_zeros(shape)
+    logits = decoder(features.pair_scales(b, m))
+    if b.numel() == batch * mods:
+        return logits.reshape(shape)
+    return logits.new_zeros(shape).index_put((b, m), logits)
 
 
 @dataclass

@@ -36,9 +36,9 @@ from torch import Tensor, nn
 
 from . import register_model
 from .blocks import ConvNormAct, conv_cls, kaiming_init, pointwise_conv_one_modality
-from .interface import Backbone, Features, FusedOutput
-from .mmformer import (NUM_SCALES, POSTNORM, ModalityEncoder, SeparateDecoder, check_config, check_input,
-                       decode_available, postnorm_block, run_per_modality)
+from .interface import Backbone, Features, FusedOutput, decode_available
+from .mmformer import (NUM_SCALES, POSTNORM, EncoderStage, ModalityEncoder, SeparateDecoder, check_config,
+                       check_input, postnorm_block, run_per_modality)
 from .rows import Rows
 from .transformer import PositionEmbedding, Transformer, TransformerBlock, tokens_to_grid
 
@@ -244,7 +244,7 @@ class M2FTrans(Backbone):
     dropout (0.1), cross_layers (2), cross_expand (4), cross_dropout (0.1).
     """
 
-    checkpoint_blocks = (ConvNormAct, TransformerBlock, CrossBlock)
+    checkpoint_blocks = (EncoderStage, ConvNormAct, TransformerBlock, CrossBlock)
 
     def __init__(self, num_modalities: int = 4, num_classes: int = 4, base_width: int = 8,
                  patch_size: Sequence[int] = (80, 80, 80), spatial_dims: int = 3, mlp_dim: int | None = None,
@@ -329,9 +329,10 @@ class M2FTrans(Backbone):
         n = 0 if mask is None else mask.shape[0]
         rows = torch.arange(n, n + m_idx.numel(), device=device)
         weighted = []
+        pairs = features.pair_scales(b_idx, m_idx)
         for level in range(3):
             feat = features.scales[level]
-            one = feat[b_idx, m_idx] * weights[level][rows, m_idx].to(feat.dtype)
+            one = pairs[level] * weights[level][rows, m_idx].to(feat.dtype)
             stacked = None if mask is None else full[level] * weights[level][:n].to(feat.dtype)
             weighted.append(Rows(stacked, one, m_idx))
         weighted += [level3 * weights[3].to(level3.dtype), mod_out * weights[4].to(mod_out.dtype)]

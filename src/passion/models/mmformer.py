@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from . import register_model
 from .blocks import (ConcatConvNormAct, ConcatInputs, ConvNormAct, UpsampleConvNormAct, UpsampleInput, conv_cls,
                      kaiming_init, norm_cls, pointwise_conv_one_modality)
-from .interface import Backbone, Features, FusedOutput
+from .interface import Backbone, Features, FusedOutput, decode_available
 from .rows import Rows
 from .transformer import (PositionEmbedding, Transformer, TransformerBlock, grid_to_tokens, token_grid,
                           tokens_to_grid)
@@ -96,11 +96,24 @@ PRENORM = BlockFamily(prenorm_block, UpsamplePreNormConv, ConcatPreNormConv)
 POSTNORM = BlockFamily(postnorm_block, _postnorm(UpsampleConvNormAct), _postnorm(ConcatConvNormAct))
 
 
+class EncoderStage(nn.ModuleList):
+    """One scale of a modality encoder, [c1, c2, c3]: ``y = c1(x)``, then ``y + c3(c2(y))``.
+
+    The unit that ``activation_checkpointing: all`` recomputes: it keeps its input only, not the
+    two maps inside the residual pair.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        c1, c2, c3 = self
+        x = c1(x)
+        return x + c3(c2(x))
+
+
 class ModalityEncoder(nn.Module):
     """Five-scale residual encoder of one modality: widths w, 2w, 4w, 8w, 16w.
 
-    Stage l: ``y = c1(x)`` (stride 2 for l > 1), ``y = y + c3(c2(y))``. `block` builds the convs;
-    the first conv is `first` (a bare conv in mmFormer, a block in M2FTrans).
+    Stage l (EncoderStage): ``y = c1(x)`` (stride 2 for l > 1), ``y = y + c3(c2(y))``. `block`
+    builds the convs; the first conv is `first` (a bare conv in mmFormer, a block in M2FTrans).
     """
 
     def __init__(self, width: int, dims: int, block, first: nn.Module):
@@ -110,15 +123,14 @@ class ModalityEncoder(nn.Module):
         for level in range(NUM_SCALES):
             out_ch = width * 2 ** level
             c1 = first if level == 0 else block(in_ch, out_ch, 3, 2, dims)
-            self.stages.append(nn.ModuleList([c1, block(out_ch, out_ch, 3, 1, dims),
-                                              block(out_ch, out_ch, 3, 1, dims)]))
+            self.stages.append(EncoderStage([c1, block(out_ch, out_ch, 3, 1, dims),
+                                             block(out_ch, out_ch, 3, 1, dims)]))
             in_ch = out_ch
 
     def forward(self, x: Tensor) -> list[Tensor]:
         feats = []
-        for c1, c2, c3 in self.stages:
-            x = c1(x)
-            x = x + c3(c2(x))
+        for stage in self.stages:
+            x = stage(x)
             feats.append(x)
         return feats
 
@@ -202,20 +214,6 @@ def run_per_modality(fn, x: Tensor, mask: Tensor) -> list[list[Tensor]]:
     return [o if o is not None else [torch.zeros_like(t) for t in ref] for o in out]
 
 
-def decode_available(decoder: nn.Module, features: Features, mask: Tensor | None, num_classes: int) -> Tensor:
-    """Run the shared decoder once on all available (b, m) pairs; zeros for the others."""
-    first = features.scales[0]
-    batch, mods = first.shape[:2]
-    if mask is None:
-        mask = torch.ones(batch, mods, dtype=torch.bool, device=first.device)
-    b, m = mask.to(device=first.device, dtype=torch.bool).nonzero(as_tuple=True)
-    shape = (batch, mods, num_classes) + tuple(first.shape[3:])
-    if b.numel() == 0:
-        return first.new_zeros(shape)
-    logits = decoder([s[b, m] for s in features.scales])
-    return logits.new_zeros(shape).index_put((b, m), logits)
-
-
 # --------------------------------------------------------------------------- mmFormer
 
 
@@ -286,7 +284,7 @@ class MMFormer(Backbone):
     depth (1), dropout (0.1), token_layout ("reference" | "spatial", see ``fuse``).
     """
 
-    checkpoint_blocks = (PreNormConv, TransformerBlock)
+    checkpoint_blocks = (EncoderStage, PreNormConv, TransformerBlock)
 
     def __init__(self, num_modalities: int = 4, num_classes: int = 4, base_width: int = 8,
                  patch_size: Sequence[int] = (80, 80, 80), spatial_dims: int = 3,
@@ -369,7 +367,7 @@ class MMFormer(Backbone):
         all M*N tokens (absent ones zero), exactly as in ``fuse``."""
         device = features.scales[0].device
         b_idx, m_idx = b_idx.to(device), m_idx.to(device)
-        skips = [Rows(single=s[b_idx, m_idx], present=m_idx) for s in features.scales[:NUM_SCALES - 1]]
+        skips = [Rows(single=one, present=m_idx) for one in features.pair_scales(b_idx, m_idx)[:NUM_SCALES - 1]]
         return self.decoder_fuse(skips, self._inter_modal(self._one_hot_intra(features, b_idx, m_idx)))
 
     def fuse_teacher_and_singles(self, features: Features, mask: Tensor, b_idx: Tensor,
@@ -378,8 +376,8 @@ class MMFormer(Backbone):
         device = features.scales[0].device
         mask = mask.to(dtype=torch.bool, device=device)
         b_idx, m_idx = b_idx.to(device), m_idx.to(device)
-        skips = [Rows(self.zero_unavailable(s, mask), s[b_idx, m_idx], m_idx)
-                 for s in features.scales[:NUM_SCALES - 1]]
+        skips = [Rows(self.zero_unavailable(s, mask), one, m_idx)
+                 for s, one in zip(features.scales[:NUM_SCALES - 1], features.pair_scales(b_idx, m_idx))]
         intra = torch.cat((self.zero_unavailable(features.extra["intra"], mask),
                            self._one_hot_intra(features, b_idx, m_idx)))
         return self.decoder_fuse(skips, self._inter_modal(intra)).split(features.batch_size)

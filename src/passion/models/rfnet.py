@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from . import register_model
 from .blocks import ConcatConvNormAct, ConvNormAct, UpsampleConvNormAct, conv_cls, kaiming_init
-from .interface import Backbone, Features, FusedOutput
+from .interface import Backbone, Features, FusedOutput, decode_available
 from .rfnet_fusion import RegionAwareFusion, RegionPriorGenerator, rfnet_cna
 from .rows import Rows
 
@@ -254,7 +254,7 @@ class RFNet(Backbone):
         (up to float rounding) but the zero-filled [P, M, ...] features are never built."""
         device = features.scales[0].device
         b_idx, m_idx = b_idx.to(device), m_idx.to(device)
-        return self.decoder_fuse([Rows(single=f[b_idx, m_idx], present=m_idx) for f in features.scales])
+        return self.decoder_fuse([Rows(single=one, present=m_idx) for one in features.pair_scales(b_idx, m_idx)])
 
     def fuse_teacher_and_singles(self, features: Features, mask: Tensor, b_idx: Tensor,
                                  m_idx: Tensor) -> tuple[FusedOutput, FusedOutput]:
@@ -262,21 +262,11 @@ class RFNet(Backbone):
         device = features.scales[0].device
         mask = self._check_mask(mask, features.batch_size).to(device)
         b_idx, m_idx = b_idx.to(device), m_idx.to(device)
-        rows = [Rows(self.zero_unavailable(f, mask), f[b_idx, m_idx], m_idx) for f in features.scales]
+        rows = [Rows(self.zero_unavailable(f, mask), one, m_idx)
+                for f, one in zip(features.scales, features.pair_scales(b_idx, m_idx))]
         return self.decoder_fuse(rows).split(features.batch_size)
 
     def decode_single(self, features: Features, mask: Tensor | None = None) -> Tensor:
-        scales = features.scales
-        b, m = scales[0].shape[:2]
         if mask is not None:
-            mask = self._check_mask(mask, b).to(scales[0].device)
-        if mask is None or bool(mask.all()):
-            logits = self.decoder_sep([f.flatten(0, 1) for f in scales])
-            return logits.reshape(b, m, *logits.shape[1:])
-        idx = mask.reshape(-1).nonzero().squeeze(1)
-        spatial = scales[0].shape[3:]
-        if idx.numel() == 0:
-            return scales[0].new_zeros((b, m, self.num_classes, *spatial))
-        logits = self.decoder_sep([f.flatten(0, 1).index_select(0, idx) for f in scales])
-        out = logits.new_zeros((b * m,) + logits.shape[1:]).index_copy(0, idx, logits)
-        return out.reshape(b, m, *logits.shape[1:])
+            mask = self._check_mask(mask, features.batch_size)
+        return decode_available(self.decoder_sep, features, mask, self.num_classes)
