@@ -162,6 +162,29 @@ def test_all_mode_encoder_stage_keeps_only_its_input(name):
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("name", ["mmformer", "m2ftrans"])
+def test_fusion_block_is_one_checkpoint_unit_over_both_kinds_of_rows(name):
+    from passion.models.rows import Rows
+
+    model, cfg = tiny(name, "decoder")
+    w = cfg["base_width"]
+    full = torch.randn(1, M, w, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    single = torch.randn(2, w, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    present = torch.tensor([0, 2])
+    rows = Rows(full, single, present)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        if name == "mmformer":
+            y = model.decoder_fuse.fusion[0](rows)
+        else:
+            mask = torch.tensor([[True, False, True], [True, False, False], [False, False, True]])
+            y = model.decoder_fuse.conv_fusion[0](rows, mask)
+    big = [t for t in saved if t.numel() >= single.numel()]
+    assert {t.data_ptr() for t in big} <= {full.data_ptr(), single.data_ptr()}, [tuple(t.shape) for t in big]
+    y.sum().backward()
+    assert full.grad is not None and single.grad is not None
+
+
 def test_no_checkpointing_without_grad():
     model, cfg = tiny("rfnet", "all")
     x = torch.randn(1, M, *cfg["patch_size"], dtype=torch.float64)

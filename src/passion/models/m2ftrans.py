@@ -172,12 +172,26 @@ class PostFusionBlock(nn.Sequential):
     def __init__(self, in_ch: int, width: int, dims: int):
         super().__init__(postnorm_block(in_ch, width, 1, 1, dims), postnorm_block(width, width, 3, 1, dims),
                          postnorm_block(width, width, 1, 1, dims))
+        self.num_modalities = in_ch // width
 
-    def one_modality(self, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
+    def forward(self, x: Rows, mask: Tensor) -> Tensor:
+        """x: stacked rows [B, M, w, *S] (zeroed here where `mask` is off), then one-modality rows.
+        One module call, so activation checkpointing recomputes the block as one unit and keeps
+        only its inputs."""
+        n = x.num_full
+        return x.apply(lambda full: self._layers(Backbone.zero_unavailable(full, mask[:n]).flatten(1, 2)),
+                       self._one_modality)
+
+    def _layers(self, x: Tensor) -> Tensor:
+        for block in self:
+            x = block(x)
+        return x
+
+    def _one_modality(self, x: Tensor, present: Tensor) -> Tensor:
         """The block on stacked features where row p holds only modality present[p] (x: its
         [P, C, ...] channels); only that modality's weight columns of the first conv are used."""
         first = self[0]
-        y = first.act(first.norm(pointwise_conv_one_modality(first.conv, x, present, num_modalities)))
+        y = first.act(first.norm(pointwise_conv_one_modality(first.conv, x, present, self.num_modalities)))
         for block in list(self)[1:]:
             y = block(y)
         return y
@@ -221,11 +235,7 @@ class M2FTransFusionDecoder(nn.Module):
             if level == 3:
                 fused = self.cross[0](feats[3], x, mask)
             else:
-                rows, block = Rows.of(feats[level]), self.conv_fusion[level]
-                n = rows.num_full
-                fused = rows.apply(
-                    lambda full: block(Backbone.zero_unavailable(full, mask[:n]).flatten(1, 2)),
-                    lambda one, present: block.one_modality(one, present, mask.shape[1]))
+                fused = self.conv_fusion[level](Rows.of(feats[level]), mask)
             x = self.outs[level](self.merge[level](fused, x))
             if level > 0:
                 x = self.up_convs[level - 1](x, Rows.of(feats[level - 1]).spatial)
@@ -244,7 +254,7 @@ class M2FTrans(Backbone):
     dropout (0.1), cross_layers (2), cross_expand (4), cross_dropout (0.1).
     """
 
-    checkpoint_blocks = (EncoderStage, ConvNormAct, TransformerBlock, CrossBlock)
+    checkpoint_blocks = (EncoderStage, PostFusionBlock, ConvNormAct, TransformerBlock, CrossBlock)
 
     def __init__(self, num_modalities: int = 4, num_classes: int = 4, base_width: int = 8,
                  patch_size: Sequence[int] = (80, 80, 80), spatial_dims: int = 3, mlp_dim: int | None = None,

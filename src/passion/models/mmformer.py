@@ -227,14 +227,28 @@ class FusionBlock(nn.Sequential):
     def __init__(self, in_ch: int, width: int, dims: int):
         super().__init__(prenorm_block(in_ch, width, 1, 1, dims), prenorm_block(width, width, 3, 1, dims),
                          prenorm_block(width, width, 1, 1, dims))
+        self.num_modalities = in_ch // width
 
-    def one_modality(self, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
+    def forward(self, x: Tensor | Rows) -> Tensor:
+        """x: stacked features flattened to [B, M*w, *S], or Rows (stacked rows [B, M, w, *S], then
+        one-modality rows). One module call, so activation checkpointing recomputes the block as
+        one unit and keeps only its input."""
+        if isinstance(x, Rows):
+            return x.apply(lambda full: self._layers(full.flatten(1, 2)), self._one_modality)
+        return self._layers(x)
+
+    def _layers(self, x: Tensor) -> Tensor:
+        for block in self:
+            x = block(x)
+        return x
+
+    def _one_modality(self, x: Tensor, present: Tensor) -> Tensor:
         """The block on stacked features where row p holds only modality present[p] (x: its
         [P, C, ...] channels). Instance norm is per channel and maps the all-zero channels of
         the absent modalities to zero, so only the present block reaches the first conv."""
         first = self[0]
         y = first.act(nn.functional.instance_norm(x, eps=first.norm.eps))
-        y = pointwise_conv_one_modality(first.conv, y, present, num_modalities)
+        y = pointwise_conv_one_modality(first.conv, y, present, self.num_modalities)
         for block in list(self)[1:]:
             y = block(y)
         return y
@@ -265,10 +279,7 @@ class MMFormerFusionDecoder(nn.Module):
         for level in reversed(range(NUM_SCALES - 1)):
             skip = Rows.of(skips[level])
             up = self.up_convs[level](feats[level + 1], skip.spatial)
-            block = self.fusion[level]
-            fused = skip.apply(lambda full: block(full.flatten(1, 2)),
-                               lambda one, present: block.one_modality(one, present, self.num_modalities))
-            feats[level] = self.outs[level](self.merge[level](fused, up))
+            feats[level] = self.outs[level](self.merge[level](self.fusion[level](skip), up))
         aux = [head(f) for head, f in zip(self.aux_heads, feats[1:])]
         return FusedOutput(logits=self.seg(feats[0]), aux_logits=aux, decoder_features=feats)
 
@@ -284,7 +295,7 @@ class MMFormer(Backbone):
     depth (1), dropout (0.1), token_layout ("reference" | "spatial", see ``fuse``).
     """
 
-    checkpoint_blocks = (EncoderStage, PreNormConv, TransformerBlock)
+    checkpoint_blocks = (EncoderStage, FusionBlock, PreNormConv, TransformerBlock)
 
     def __init__(self, num_modalities: int = 4, num_classes: int = 4, base_width: int = 8,
                  patch_size: Sequence[int] = (80, 80, 80), spatial_dims: int = 3,
