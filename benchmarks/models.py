@@ -10,11 +10,13 @@ the model and the inputs, i.e. it is what the training step itself needs.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -30,6 +32,58 @@ def _rss_mb() -> float:
 def _peak_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     return kb / 1024 if sys.platform != "darwin" else kb / 2 ** 20
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+class HeapPeak:
+    """Peak bytes the process has allocated through malloc (glibc ``mallinfo2``: in-use heap chunks
+    plus mmapped blocks), sampled every `period` seconds in a thread while the block runs.
+
+    Unlike peak RSS this leaves out what the allocator holds freed (fragmentation, and everything
+    kept under train.reuse_freed_memory): the memory the step's tensors really needed at once, up
+    to the sampling period. ``mb`` is None where glibc's mallinfo2 is unavailable.
+
+        with HeapPeak() as heap:
+            step()
+        heap.mb
+    """
+
+    def __init__(self, period: float = 0.002):
+        self.period, self.mb = period, None
+        try:
+            self._mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+            self._mallinfo2.restype = _MallInfo2
+        except (OSError, AttributeError):
+            self._mallinfo2 = None
+
+    def _in_use(self) -> int:
+        info = self._mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def _sample(self) -> None:
+        peak = self._in_use()
+        while not self._stop.is_set():
+            peak = max(peak, self._in_use())
+            self._stop.wait(self.period)
+        self._peak = max(peak, self._in_use())
+
+    def __enter__(self) -> "HeapPeak":
+        if self._mallinfo2 is not None:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._mallinfo2 is not None:
+            self._stop.set()
+            self._thread.join()
+            self.mb = round(self._peak / 2 ** 20, 1)
 
 
 def configure(threads: int | None, system_malloc: bool) -> None:

@@ -275,7 +275,7 @@ def reference_memory(args, name: str, objective: str, size: int, precision: str)
     """The reference alone in a fresh process (same settings as the interleaved run): peak RSS."""
     import torch
 
-    from models import _peak_mb, _rss_mb, configure
+    from models import HeapPeak, _peak_mb, _rss_mb, configure
     from passion.data.spec import get_spec
     from train_step import make_batch
 
@@ -286,9 +286,11 @@ def reference_memory(args, name: str, objective: str, size: int, precision: str)
     step, _ = build_reference_step(resolve_dir(args.reference), name, objective, batch, precision, "cpu",
                                    _shim_on(args))
     base = _rss_mb()
-    for _ in range(args.warmup + args.steps):
-        step()
-    return {"peak_rss_mb": round(_peak_mb(), 1), "peak_delta_mb": round(_peak_mb() - base, 1)}
+    with HeapPeak() as heap:
+        for _ in range(args.warmup + args.steps):
+            step()
+    return {"peak_rss_mb": round(_peak_mb(), 1), "peak_delta_mb": round(_peak_mb() - base, 1),
+            "peak_heap_mb": heap.mb}
 
 
 def worker(args) -> dict:
@@ -312,7 +314,7 @@ def _subprocess(args, kind: str, name: str, objective: str, size: int, prec: str
     cmd += ["--system-malloc"] if args.system_malloc else []
     cmd += ["--compile"] if args.compile else []
     if kind == "ours-memory":
-        cmd += ["--worker"]
+        cmd += ["--worker", "--heap-peak"]
     else:
         cmd += ["--reference-worker", kind]
     try:
@@ -348,16 +350,17 @@ def compare(args) -> dict:
                             ours, ref = {**pair["ours"], **cfg}, {**pair["reference"], **cfg}
                             if args.device == "cpu":  # peak RSS: each side alone in a fresh process
                                 mem = _subprocess(args, "ours-memory", name, objective, size, prec, ckpt, steps=1)
-                                ours.update({k: mem.get(k) for k in ("peak_rss_mb", "peak_delta_mb", "error")
-                                             if k in mem})
+                                keys = ("peak_rss_mb", "peak_delta_mb", "peak_heap_mb", "error")
+                                ours.update({k: mem.get(k) for k in keys if k in mem})
                                 mem = _subprocess(args, "memory", name, objective, size, prec, ckpt, steps=1)
                                 ref.update(mem)
                         ours_results.append(ours)
                         ref_results.append(ref)
                         if "step_s_median" in ours and "step_s_median" in ref:
                             entry = {"time_x": round(ours["step_s_median"] / ref["step_s_median"], 2)}
-                            if ours.get(mem_key) and ref.get(mem_key):
-                                entry[mem_key.replace("_mb", "_x")] = round(ours[mem_key] / ref[mem_key], 2)
+                            for key in (mem_key, "peak_heap_mb"):
+                                if ours.get(key) and ref.get(key):
+                                    entry[key.replace("_mb", "_x")] = round(ours[key] / ref[key], 2)
                             key = "/".join(str(cfg[k]) for k in ("model", "objective", "precision", "size"))
                             # the reference has no checkpointing: each of our modes is its own entry
                             versus[key if ckpt == "off" else f"{key}/ckpt-{ckpt}"] = entry
@@ -369,7 +372,8 @@ def compare(args) -> dict:
         "results": ours_results, "passion_vs_baseline": ratios_of(ours_results),
         "reference": {"dir": str(ref_dir), "cuda_shim": _shim_on(args), "interleaved": "ours, reference, ...",
                       "threads": args.threads, "system_malloc": args.system_malloc,
-                      "memory": ("each side's peak RSS in a fresh process of its own" if args.device == "cpu"
+                      "memory": ("each side's peak RSS, and peak in-use malloc heap (peak_heap_mb), in a fresh "
+                                 "process of its own" if args.device == "cpu"
                                  else "per-step peak allocated above the memory in use before the step")},
         "reference_results": ref_results, "reference_passion_vs_baseline": ratios_of(ref_results),
         "ours_vs_reference": versus,

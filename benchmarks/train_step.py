@@ -18,6 +18,7 @@ size slices).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from models import _peak_mb, _rss_mb, configure  # the same probes as the backbone benchmark
+from models import HeapPeak, _peak_mb, _rss_mb, configure  # the same probes as the backbone benchmark
 
 
 def timed_steps(step, warmup: int, steps: int, sync=lambda: None) -> tuple[float, list[float]]:
@@ -111,20 +112,23 @@ def build_step(name: str, objective: str, size: int, precision: str, device: str
 def worker(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
            threads: int | None, available: int = 4, system_malloc: bool = False,
            dataset: str = "brats2020", base_width: int = 8, checkpointing: str = "off",
-           compile: bool = False, channels_last: bool = False) -> dict:
-    """One CPU configuration (run in its own process): step times and peak RSS."""
+           compile: bool = False, channels_last: bool = False, heap_peak: bool = False) -> dict:
+    """One CPU configuration (run in its own process): step times and peak RSS; with `heap_peak`
+    also the peak in-use malloc heap, sampled during the steps (which it slows by ~10 %)."""
     import torch
 
     configure(threads, system_malloc)
     step, info = build_step(name, objective, size, precision, "cpu", available, dataset, base_width,
                             checkpointing, compile, channels_last)
     base = _rss_mb()
-    first, times = timed_steps(step, warmup, steps)
+    with HeapPeak() if heap_peak else contextlib.nullcontext() as heap:
+        first, times = timed_steps(step, warmup, steps)
     return {
         **info, "system_malloc": system_malloc, "first_step_s": round(first, 3),
         "steps": steps, "warmup": warmup, "threads": torch.get_num_threads(),
         "step_s_median": round(times[len(times) // 2], 3), "step_s_min": round(times[0], 3),
         "peak_rss_mb": round(_peak_mb(), 1), "peak_delta_mb": round(_peak_mb() - base, 1),
+        **({"peak_heap_mb": heap.mb} if heap_peak else {}),
     }
 
 
@@ -172,7 +176,7 @@ def cpu_run(args, name: str, objective: str, size: int, prec: str, checkpointing
            "--available", str(args.available), "--dataset", args.dataset,
            "--base-width", str(args.base_width), "--activation-checkpointing", checkpointing] + (
                ["--system-malloc"] if args.system_malloc else []) + (["--compile"] if args.compile else []) + (
-               ["--channels-last"] if args.channels_last else [])
+               ["--channels-last"] if args.channels_last else []) + (["--heap-peak"] if args.heap_peak else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         return (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
@@ -249,6 +253,10 @@ def main(argv=None) -> int:
                          "tensor/module itself, unchanged on the CPU, so an unmodified checkout runs on the CPU; "
                          "nothing else is patched and our step never runs under it. none (auto's choice with "
                          "--device cuda): run the reference as it is")
+    ap.add_argument("--heap-peak", action="store_true",
+                    help="also report peak_heap_mb (cpu): the peak in-use malloc heap (glibc mallinfo2, sampled "
+                         "every 2 ms), i.e. peak memory without what the allocator holds freed; the sampling "
+                         "slows the steps by ~10 %%, so time separately. --reference's memory runs always do")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reference-worker", choices=["interleaved", "memory"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -257,7 +265,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.models[0], args.objectives[0], sizes[0], args.steps, args.warmup,
                                 args.precisions[0], args.threads, args.available, args.system_malloc,
                                 args.dataset, args.base_width, args.activation_checkpointing[0],
-                                args.compile, args.channels_last)))
+                                args.compile, args.channels_last, args.heap_peak)))
         return 0
     if args.reference_worker:
         import reference_step

@@ -12,8 +12,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +134,9 @@ def test_reference_harness_interleaves_and_reports_both(tmp_path):
         ratio = out["ours_vs_reference"][key]
         assert ratio["time_x"] == round(ours["step_s_median"] / theirs["step_s_median"], 2)
         assert ratio["peak_rss_x"] == round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 2)
+        if ours.get("peak_heap_mb") is not None:  # glibc: the in-use heap is compared as well
+            assert 0 < ours["peak_heap_mb"] <= ours["peak_rss_mb"] and theirs["peak_heap_mb"] > 0
+            assert ratio["peak_heap_x"] == round(ours["peak_heap_mb"] / theirs["peak_heap_mb"], 2)
     assert set(out["reference_passion_vs_baseline"]["rfnet/fp32"]) == {"time_x", "peak_rss_x"}
 
     # the reference really ran every step: warmup + steps interleaved, warmup + 1 alone for the memory
@@ -166,3 +171,20 @@ def test_cuda_shim_only_inside_and_reference_imports_do_not_leak(tmp_path):
     assert "utils.criterions" not in sys.modules and a is not b and callable(crit.dice_loss)
     rs.patch_size_constants(a, 32)
     assert (a.H, b.H) == (32, 80)  # each import is its own module: patching one leaves the other
+
+
+def test_heap_peak_sees_an_allocation_freed_inside_the_block():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from models import HeapPeak
+    finally:
+        sys.path.remove(str(BENCH))
+    with HeapPeak() as idle:
+        pass
+    if idle.mb is None:
+        pytest.skip("no glibc mallinfo2 on this platform")
+    with HeapPeak(period=0.001) as heap:
+        big = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB, freed before the block ends
+        time.sleep(0.02)
+        del big
+    assert heap.mb >= idle.mb + 60, (heap.mb, idle.mb)
