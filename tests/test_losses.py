@@ -151,6 +151,18 @@ def test_similarity_maps_match_torch_cosine():
     torch.testing.assert_close(L.similarity_maps(f, p), ref)
 
 
+def test_similarity_maps_of_an_all_zero_feature_are_zero_with_finite_gradients():
+    torch.manual_seed(1)
+    f = torch.randn(1, 5, 2, 2, 2)
+    f[:, :, 0, 0, 0] = 0.0  # e.g. a voxel where every decoder channel is zero
+    f.requires_grad_(True)
+    p = torch.randn(1, 3, 5)
+    sim = L.similarity_maps(f, p)
+    assert torch.equal(sim[:, :, 0, 0, 0], torch.zeros(1, 3))
+    sim.sum().backward()
+    assert torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
+
+
 def test_target_at_nearest_downsampling():
     t = torch.arange(16).reshape(1, 4, 4)
     assert L.target_at(t, (4, 4)) is t
