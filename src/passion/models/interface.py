@@ -20,7 +20,9 @@ every backbone without adapters:
   together, one batched decoder pass where the backbone allows it.
 - ``decode_single(features, mask=None) -> logits [B, M, C, *spatial]``: the shared
   single-modality decoder applied to each modality's features. Entries whose mask is False
-  may be skipped (returned as zeros).
+  may be skipped (returned as zeros). ``decode_available`` implements it for a decoder over
+  (sample, modality) pairs; ``Features.pair_scales`` gathers those pairs' features once, so the
+  one-modality fusion rows and this decoder share one copy.
 - ``forward(x, mask) -> logits [B, C, *spatial]`` for inference.
 - ``modality_parameters(m)``: the parameters of modality m's encoder.
 - Training options: ``set_activation_checkpointing(mode)`` (a backbone declares its
