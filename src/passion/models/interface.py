@@ -64,18 +64,19 @@ class Features:
             b_old, m_old, gathered = self._pairs
             if b_old.shape == b_idx.shape and torch.equal(b_old, b_idx) and torch.equal(m_old, m_idx):
                 return gathered
-        batch, mods = self.scales[0].shape[:2]
-        if b_idx.numel() == batch * mods and torch.equal(m_idx, _all_pairs(batch, mods, m_idx.device)[1]) \
-                and torch.equal(b_idx, _all_pairs(batch, mods, b_idx.device)[0]):
-            gathered = [s.flatten(0, 1) for s in self.scales]  # every pair, row-major: views, no copy
+        if self._every_pair_in_order(b_idx, m_idx):
+            gathered = [s.flatten(0, 1) for s in self.scales]  # views, no copy
         else:
             gathered = [s[b_idx, m_idx] for s in self.scales]
         self._pairs = (b_idx, m_idx, gathered)
         return gathered
 
-
-def _all_pairs(batch: int, mods: int, device) -> tuple[Tensor, Tensor]:
-    return torch.ones(batch, mods, dtype=torch.bool, device=device).nonzero(as_tuple=True)
+    def _every_pair_in_order(self, b_idx: Tensor, m_idx: Tensor) -> bool:
+        batch, mods = self.scales[0].shape[:2]
+        if b_idx.numel() != batch * mods:
+            return False
+        every_b, every_m = torch.ones(batch, mods, dtype=torch.bool, device=b_idx.device).nonzero(as_tuple=True)
+        return torch.equal(b_idx, every_b) and torch.equal(m_idx, every_m.to(m_idx.device))
 
 
 def decode_available(decoder: nn.Module, features: Features, mask: Tensor | None, num_classes: int) -> Tensor:

@@ -25,6 +25,7 @@ with the T1 mask; here ``fuse`` always takes the mask from the caller, per sampl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -71,14 +72,11 @@ def prenorm_block(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dim
     return PreNormConv(in_ch, out_ch, kernel, stride, dims)
 
 
-def _postnorm(cls: type[ConvNormAct]) -> Callable[..., nn.Module]:
-    def build(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3) -> nn.Module:
-        return cls(in_ch, out_ch, kernel, stride=stride, dims=dims, affine=False)
-    return build
-
-
-postnorm_block = _postnorm(ConvNormAct)
-postnorm_block.__doc__ = "conv -> InstanceNorm (no affine) -> LeakyReLU(0.2): the reference ``general_conv3d``."
+def postnorm_block(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3,
+                   cls: type[ConvNormAct] = ConvNormAct) -> nn.Module:
+    """conv -> InstanceNorm (no affine) -> LeakyReLU(0.2): the reference ``general_conv3d``; `cls`
+    may be a ConvNormAct subclass that upsamples or concatenates its inputs first."""
+    return cls(in_ch, out_ch, kernel, stride=stride, dims=dims, affine=False)
 
 
 class BlockFamily(NamedTuple):
@@ -93,7 +91,8 @@ class BlockFamily(NamedTuple):
 
 
 PRENORM = BlockFamily(prenorm_block, UpsamplePreNormConv, ConcatPreNormConv)
-POSTNORM = BlockFamily(postnorm_block, _postnorm(UpsampleConvNormAct), _postnorm(ConcatConvNormAct))
+POSTNORM = BlockFamily(postnorm_block, partial(postnorm_block, cls=UpsampleConvNormAct),
+                       partial(postnorm_block, cls=ConcatConvNormAct))
 
 
 class EncoderStage(nn.ModuleList):
@@ -143,8 +142,8 @@ class SeparateDecoder(nn.Module):
         self.ups = nn.ModuleList()  # level l (0-based, finest 0): up-conv from 2w to w, merge, 1x1
         for level in range(NUM_SCALES - 1):
             w = width * 2 ** level
-            self.ups.append(nn.ModuleList([blocks.upsample(2 * w, w, 3, 1, dims), blocks.concat(2 * w, w, 3, 1, dims),
-                                           blocks.plain(w, w, 1, 1, dims)]))
+            self.ups.append(nn.ModuleList([blocks.upsample(2 * w, w, 3, 1, dims),
+                                           blocks.concat(2 * w, w, 3, 1, dims), blocks.plain(w, w, 1, 1, dims)]))
         self.seg = conv_cls(dims)(width, num_classes, 1)
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
