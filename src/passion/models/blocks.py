@@ -86,6 +86,14 @@ class ConvNormAct(nn.Module):
         return self.act(self.norm(self.conv(x)))
 
 
+def postnorm_block(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3,
+                   cls: type[ConvNormAct] = ConvNormAct) -> ConvNormAct:
+    """The references' ``general_conv3d``: conv (reflect pad) -> InstanceNorm (no affine) ->
+    LeakyReLU(0.2); `cls` may be a ConvNormAct subclass that upsamples or concatenates its inputs
+    first (UpsampleConvNormAct / ConcatConvNormAct)."""
+    return cls(in_ch, out_ch, kernel, stride=stride, dims=dims, affine=False)
+
+
 class UpsampleInput:
     """Mixin for a conv block: ``forward(x, size)`` resizes x to `size` first, inside the block, so
     a checkpointed block keeps its coarse input for backward instead of the upsampled one (8x

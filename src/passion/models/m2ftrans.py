@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_model
-from .blocks import ConvNormAct, conv_cls, kaiming_init, pointwise_conv_one_modality
+from .blocks import ConvNormAct, conv_cls, kaiming_init, pointwise_conv_one_modality, postnorm_block
 from .interface import Backbone, Features, FusedOutput, decode_available
 from .mmformer import (NUM_SCALES, POSTNORM, EncoderStage, ModalityEncoder, SeparateDecoder, check_config,
-                       check_input, postnorm_block, run_per_modality)
+                       check_input, run_per_modality)
 from .rows import Rows
 from .transformer import PositionEmbedding, Transformer, TransformerBlock, tokens_to_grid
 
@@ -179,13 +179,9 @@ class PostFusionBlock(nn.Sequential):
         One module call, so activation checkpointing recomputes the block as one unit and keeps
         only its inputs."""
         n = x.num_full
-        return x.apply(lambda full: self._layers(Backbone.zero_unavailable(full, mask[:n]).flatten(1, 2)),
+        layers = super().forward
+        return x.apply(lambda full: layers(Backbone.zero_unavailable(full, mask[:n]).flatten(1, 2)),
                        self._one_modality)
-
-    def _layers(self, x: Tensor) -> Tensor:
-        for block in self:
-            x = block(x)
-        return x
 
     def _one_modality(self, x: Tensor, present: Tensor) -> Tensor:
         """The block on stacked features where row p holds only modality present[p] (x: its

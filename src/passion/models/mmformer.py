@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from . import register_model
-from .blocks import (ConcatConvNormAct, ConcatInputs, ConvNormAct, UpsampleConvNormAct, UpsampleInput, conv_cls,
-                     kaiming_init, norm_cls, pointwise_conv_one_modality)
+from .blocks import (ConcatConvNormAct, ConcatInputs, UpsampleConvNormAct, UpsampleInput, conv_cls, kaiming_init,
+                     norm_cls, pointwise_conv_one_modality, postnorm_block)
 from .interface import Backbone, Features, FusedOutput, decode_available
 from .rows import Rows
 from .transformer import (PositionEmbedding, Transformer, TransformerBlock, grid_to_tokens, token_grid,
@@ -70,13 +70,6 @@ class ConcatPreNormConv(ConcatInputs, PreNormConv):
 
 def prenorm_block(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3) -> nn.Module:
     return PreNormConv(in_ch, out_ch, kernel, stride, dims)
-
-
-def postnorm_block(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3,
-                   cls: type[ConvNormAct] = ConvNormAct) -> nn.Module:
-    """conv -> InstanceNorm (no affine) -> LeakyReLU(0.2): the reference ``general_conv3d``; `cls`
-    may be a ConvNormAct subclass that upsamples or concatenates its inputs first."""
-    return cls(in_ch, out_ch, kernel, stride=stride, dims=dims, affine=False)
 
 
 class BlockFamily(NamedTuple):
@@ -232,14 +225,10 @@ class FusionBlock(nn.Sequential):
         """x: stacked features flattened to [B, M*w, *S], or Rows (stacked rows [B, M, w, *S], then
         one-modality rows). One module call, so activation checkpointing recomputes the block as
         one unit and keeps only its input."""
+        layers = super().forward
         if isinstance(x, Rows):
-            return x.apply(lambda full: self._layers(full.flatten(1, 2)), self._one_modality)
-        return self._layers(x)
-
-    def _layers(self, x: Tensor) -> Tensor:
-        for block in self:
-            x = block(x)
-        return x
+            return x.apply(lambda full: layers(full.flatten(1, 2)), self._one_modality)
+        return layers(x)
 
     def _one_modality(self, x: Tensor, present: Tensor) -> Tensor:
         """The block on stacked features where row p holds only modality present[p] (x: its

@@ -52,9 +52,9 @@ import torch
 from torch import Tensor, nn
 
 from . import register_model
-from .blocks import ConcatConvNormAct, ConvNormAct, UpsampleConvNormAct, conv_cls, kaiming_init
+from .blocks import ConcatConvNormAct, ConvNormAct, UpsampleConvNormAct, conv_cls, kaiming_init, postnorm_block
 from .interface import Backbone, Features, FusedOutput, decode_available
-from .rfnet_fusion import RegionAwareFusion, RegionPriorGenerator, rfnet_cna
+from .rfnet_fusion import RegionAwareFusion, RegionPriorGenerator
 from .rows import Rows
 
 NUM_SCALES = 4
@@ -65,8 +65,8 @@ class _EncoderStage(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, dims: int):
         super().__init__()
-        self.entry = rfnet_cna(in_ch, out_ch, 3, stride, dims)
-        self.res = nn.Sequential(rfnet_cna(out_ch, out_ch, dims=dims), rfnet_cna(out_ch, out_ch, dims=dims))
+        self.entry = postnorm_block(in_ch, out_ch, 3, stride, dims)
+        self.res = nn.Sequential(postnorm_block(out_ch, out_ch, dims=dims), postnorm_block(out_ch, out_ch, dims=dims))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.entry(x)
@@ -97,9 +97,9 @@ class _UpBlock(nn.Module):
     def __init__(self, in_ch: int, dims: int):
         super().__init__()
         out_ch = in_ch // 2
-        self.up_conv = rfnet_cna(in_ch, out_ch, dims=dims, cls=UpsampleConvNormAct)  # reference d{l}_c1
-        self.merge = rfnet_cna(2 * out_ch, out_ch, dims=dims, cls=ConcatConvNormAct)  # reference d{l}_c2
-        self.out = rfnet_cna(out_ch, out_ch, kernel=1, dims=dims)                     # reference d{l}_out
+        self.up_conv = postnorm_block(in_ch, out_ch, dims=dims, cls=UpsampleConvNormAct)  # reference d{l}_c1
+        self.merge = postnorm_block(2 * out_ch, out_ch, dims=dims, cls=ConcatConvNormAct)  # reference d{l}_c2
+        self.out = postnorm_block(out_ch, out_ch, kernel=1, dims=dims)                     # reference d{l}_out
 
     def up(self, x: Tensor, like) -> Tensor:
         """like: a tensor or a spatial size."""

@@ -9,15 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .blocks import ConvNormAct, conv_cls, pointwise_conv_one_modality
+from .blocks import ConvNormAct, conv_cls, pointwise_conv_one_modality, postnorm_block
 from .rows import Rows
-
-
-def rfnet_cna(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3,
-              cls: type[ConvNormAct] = ConvNormAct) -> ConvNormAct:
-    """The reference's ``general_conv3d``: conv (reflect pad) + non-affine IN + LeakyReLU(0.2);
-    `cls` may be a ConvNormAct subclass that upsamples or concatenates its inputs first."""
-    return cls(in_ch, out_ch, kernel=kernel, stride=stride, dims=dims, affine=False)
 
 
 def _pointwise_one_modality(cna: ConvNormAct, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
@@ -40,11 +33,11 @@ class RegionPriorGenerator(nn.Module):
         self.last_stage = last_stage
         self.num_modalities = num_modalities
         self.embed = nn.Sequential(
-            rfnet_cna(num_modalities * channels, channels // 4, kernel=1, dims=dims),
-            rfnet_cna(channels // 4, channels // 4, dims=dims),
-            rfnet_cna(channels // 4, channels, kernel=1, dims=dims))
+            postnorm_block(num_modalities * channels, channels // 4, kernel=1, dims=dims),
+            postnorm_block(channels // 4, channels // 4, dims=dims),
+            postnorm_block(channels // 4, channels, kernel=1, dims=dims))
         self.head = nn.Sequential(
-            rfnet_cna(channels * (1 if last_stage else 2), hidden, kernel=1, dims=dims),
+            postnorm_block(channels * (1 if last_stage else 2), hidden, kernel=1, dims=dims),
             conv_cls(dims)(hidden, num_classes, 1))
 
     def forward(self, modal: Tensor | Rows, decoder_feat: Tensor | None) -> Tensor:
@@ -80,13 +73,13 @@ class RegionAwareFusion(nn.Module):
                           conv(hidden, num_modalities, 1))
             for _ in range(num_regions))
         self.region_merge = nn.Sequential(
-            rfnet_cna(num_regions * channels, channels, kernel=1, dims=dims),
-            rfnet_cna(channels, channels, dims=dims),
-            rfnet_cna(channels, channels // 2, kernel=1, dims=dims))
+            postnorm_block(num_regions * channels, channels, kernel=1, dims=dims),
+            postnorm_block(channels, channels, dims=dims),
+            postnorm_block(channels, channels // 2, kernel=1, dims=dims))
         self.shortcut = nn.Sequential(
-            rfnet_cna(num_modalities * channels, channels, kernel=1, dims=dims),
-            rfnet_cna(channels, channels, dims=dims),
-            rfnet_cna(channels, channels // 2, kernel=1, dims=dims))
+            postnorm_block(num_modalities * channels, channels, kernel=1, dims=dims),
+            postnorm_block(channels, channels, dims=dims),
+            postnorm_block(channels, channels // 2, kernel=1, dims=dims))
 
     def forward(self, y: Tensor | Rows, prior: Tensor) -> Tensor:
         """y: masked features [B, M, C, *S], or Rows that may also hold one-modality rows;
