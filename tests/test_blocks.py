@@ -1,16 +1,33 @@
-"""The batch-of-one Conv3d fast path computes the same convolution as nn.Conv3d."""
+"""The batch-of-one Conv3d fast path computes the same convolution as nn.Conv3d; the fused
+InstanceNorm + in-place LeakyReLU equals the modules applied one after the other."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from passion.models.blocks import Conv3d
+from passion.models.blocks import Conv3d, ConvNormAct, norm_act
+
+
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes that produced t."""
+    seen, stack, names = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
 
 
 @pytest.mark.parametrize("kernel, stride, padding, mode, depth", [
     (3, 1, 1, "reflect", 12), (3, 2, 1, "reflect", 12), (3, 1, 1, "zeros", 10), (1, 1, 0, "zeros", 8),
     (3, 1, 1, "reflect", 11),  # odd output depth: falls back to the plain kernel
+    (3, 2, 1, "reflect", 4),  # one output plane per half
+    (1, 2, 0, "zeros", 12),  # stride above the kernel: a gap between the halves
+    (3, 2, 1, "zeros", 13),  # padded depth not covered by the two windows
 ])
 def test_fast_conv3d_equals_conv3d(kernel, stride, padding, mode, depth):
     torch.manual_seed(0)
@@ -26,6 +43,8 @@ def test_fast_conv3d_equals_conv3d(kernel, stride, padding, mode, depth):
     gx_fast, gw_fast = torch.autograd.grad(y_fast, (x, fast.weight), g)
     torch.testing.assert_close(gx_fast, gx_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gw_fast, gw_ref, atol=1e-4, rtol=1e-5)
+    # no full-size zero-filled gradient per slice of the input or the output
+    assert not graph_nodes(y_fast) & {"SliceBackward0", "SelectBackward0"}
 
 
 @pytest.fixture
@@ -57,3 +76,27 @@ def test_batches_and_autocast_take_the_plain_path(conv3d_inputs):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast(x[:1]).dtype == torch.bfloat16
     assert conv3d_inputs == [(1, 2, 8, 8, 8)]
+
+
+@pytest.mark.parametrize("dims, affine", [(3, False), (3, True), (2, False)])
+def test_norm_act_equals_the_modules_in_turn(dims, affine):
+    torch.manual_seed(0)
+    block = ConvNormAct(3, 4, dims=dims, affine=affine)
+    if affine:
+        nn.init.normal_(block.norm.weight)
+        nn.init.normal_(block.norm.bias)
+    x = torch.randn(2, 3, *(6,) * dims, requires_grad=True)
+    y = block(x)
+    y_ref = nn.functional.leaky_relu(block.norm(block.conv(x)), 0.2)
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    params = [x] + list(block.parameters())
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g)):
+        assert torch.equal(a, b)
+    # the in-place activation is not applied to a view, so autograd does not rebuild a base
+    assert "CopySlices" not in graph_nodes(y)
+
+
+def test_norm_act_falls_back_for_other_modules():
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(norm_act(nn.BatchNorm2d(3), nn.ReLU(), x), nn.ReLU()(nn.BatchNorm2d(3)(x)))

@@ -36,9 +36,39 @@ class Conv3d(nn.Conv3d):
         half = out_depth // 2
         length = (half - 1) * stride + span
         start = half * stride
-        pair = torch.cat([x[:, :, :length], x[:, :, start:start + length]], 0)
-        y = F.conv3d(pair, weight, bias, self.stride, 0, self.dilation)
-        return torch.cat([y[0:1], y[1:2]], 2)
+        y = F.conv3d(_DepthHalves.apply(x, length, start), weight, bias, self.stride, 0, self.dilation)
+        # transpose + reshape, whose backward is a view, where cat-ing y[0:1] and y[1:2] would
+        # build a zero-filled y-sized gradient per slice; contiguous() because with one output
+        # plane per half the reshape is a strided view.
+        return y.transpose(0, 1).reshape(1, y.shape[1], 2 * y.shape[2], *y.shape[3:]).contiguous()
+
+
+class _DepthHalves(torch.autograd.Function):
+    """x [1, C, D, ...] -> its depth windows [0, length) and [start, start + length) as a batch
+    of two. The backward writes each plane's gradient once; slicing + cat would zero-fill a full
+    x-sized gradient per window and add them."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, length: int, start: int) -> Tensor:
+        ctx.shape, ctx.length, ctx.start = x.shape, length, start
+        return torch.cat([x[:, :, :length], x[:, :, start:start + length]], 0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        length, start = ctx.length, ctx.start
+        first, second = grad[0:1], grad[1:2]
+        overlap = length - start
+        if overlap < 0:  # a gap between the windows (stride > kernel span)
+            gx = grad.new_zeros(ctx.shape)
+            gx[:, :, :length] = first
+            gx[:, :, start:start + length] = second
+            return gx, None, None
+        gx = grad.new_empty(ctx.shape)
+        gx[:, :, :start] = first[:, :, :start]
+        torch.add(first[:, :, start:], second[:, :, :overlap], out=gx[:, :, start:length])
+        gx[:, :, length:start + length] = second[:, :, overlap:]
+        gx[:, :, start + length:] = 0
+        return gx, None, None
 
 
 def pointwise_conv_one_modality(conv: nn.Module, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
@@ -64,6 +94,21 @@ def norm_cls(dims: int):
     return {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dims]
 
 
+def norm_act(norm: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
+    """``act(norm(x))``. An InstanceNorm (no running stats) followed by an in-place LeakyReLU runs
+    the activation on the norm's own [1, B*C, *S] result, not on the [B, C, *S] view of it that
+    ``F.instance_norm`` returns: an in-place op on a view makes autograd rebuild the view's base
+    in backward (CopySlices + AsStrided, 6-7 % of an RFNet PASSION step on the CPU). Same
+    kernels, same values and gradients."""
+    if not (isinstance(norm, nn.modules.instancenorm._InstanceNorm) and not norm.track_running_stats
+            and isinstance(act, nn.LeakyReLU) and act.inplace):
+        return act(norm(x))
+    b, c = x.shape[:2]
+    weight, bias = (norm.weight.repeat(b), norm.bias.repeat(b)) if norm.affine else (None, None)
+    y = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), None, None, weight, bias, True, 0.0, norm.eps)
+    return F.leaky_relu_(y, act.negative_slope).view(x.shape)
+
+
 class ConvNormAct(nn.Module):
     """conv(k, stride, reflect pad) -> InstanceNorm -> LeakyReLU(0.2).
 
@@ -83,7 +128,7 @@ class ConvNormAct(nn.Module):
         self.act = nn.LeakyReLU(slope, inplace=True) if act else nn.Identity()
 
     def forward(self, x):
-        return self.act(self.norm(self.conv(x)))
+        return norm_act(self.norm, self.act, self.conv(x))
 
 
 def postnorm_block(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3,

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from . import register_model
 from .blocks import (ConcatConvNormAct, ConcatInputs, UpsampleConvNormAct, UpsampleInput, conv_cls, kaiming_init,
-                     norm_cls, pointwise_conv_one_modality, postnorm_block)
+                     norm_act, norm_cls, pointwise_conv_one_modality, postnorm_block)
 from .interface import Backbone, Features, FusedOutput, decode_available
 from .rows import Rows
 from .transformer import (PositionEmbedding, Transformer, TransformerBlock, grid_to_tokens, token_grid,
@@ -57,7 +57,7 @@ class PreNormConv(nn.Module):
                                    padding_mode="reflect" if pad else "zeros", bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(self.act(self.norm(x)))
+        return self.conv(norm_act(self.norm, self.act, x))
 
 
 class UpsamplePreNormConv(UpsampleInput, PreNormConv):
@@ -235,7 +235,7 @@ class FusionBlock(nn.Sequential):
         [P, C, ...] channels). Instance norm is per channel and maps the all-zero channels of
         the absent modalities to zero, so only the present block reaches the first conv."""
         first = self[0]
-        y = first.act(nn.functional.instance_norm(x, eps=first.norm.eps))
+        y = norm_act(first.norm, first.act, x)
         y = pointwise_conv_one_modality(first.conv, y, present, self.num_modalities)
         for block in list(self)[1:]:
             y = block(y)

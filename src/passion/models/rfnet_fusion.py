@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .blocks import ConvNormAct, conv_cls, pointwise_conv_one_modality, postnorm_block
+from .blocks import ConvNormAct, conv_cls, norm_act, pointwise_conv_one_modality, postnorm_block
 from .rows import Rows
 
 
 def _pointwise_one_modality(cna: ConvNormAct, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
     """``cna`` (1^3 conv over M stacked modality features, norm, act) when row p holds only
     modality present[p]; x [P, C, *S] are that modality's channels (see pointwise_conv_one_modality)."""
-    return cna.act(cna.norm(pointwise_conv_one_modality(cna.conv, x, present, num_modalities)))
+    return norm_act(cna.norm, cna.act, pointwise_conv_one_modality(cna.conv, x, present, num_modalities))
 
 
 class RegionPriorGenerator(nn.Module):
