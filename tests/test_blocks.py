@@ -67,6 +67,16 @@ def test_a_single_fp32_volume_takes_the_fast_path(conv3d_inputs):
     assert conv3d_inputs[0] == (2, 2, 6, 10, 10)  # two overlapping halves of the padded volume
 
 
+@pytest.mark.parametrize("mode, size, seen", [("reflect", 34, (1, 16, 36, 36, 36)), ("zeros", 36, (1, 16, 36, 36, 36))])
+def test_a_volume_that_already_takes_onednn_is_not_split(conv3d_inputs, mode, size, seen):
+    fast = Conv3d(16, 2, 3, padding=1, padding_mode=mode)
+    ref = nn.Conv3d(16, 2, 3, padding=1, padding_mode=mode)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(1, 16, size, size, size)  # C*D*H of the input conv3d sees: 20736 > 20480
+    torch.testing.assert_close(fast(x), ref(x))
+    assert conv3d_inputs[0] == seen
+
+
 def test_batches_and_autocast_take_the_plain_path(conv3d_inputs):
     fast = Conv3d(2, 2, 3, padding=1)
     x = torch.randn(2, 2, 8, 8, 8)
