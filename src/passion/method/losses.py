@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models.resize import linear_resize
+
 PROB_CLAMP = 0.005
 DICE_EPS = 1e-7
 COSINE_EPS = 1e-5  # as in the reference implementation's prototype maps
@@ -61,11 +63,8 @@ def seg_loss(probs: Tensor, y: Tensor) -> Tensor:
 
 
 def upsample(probs: Tensor, size: Sequence[int]) -> Tensor:
-    """Trilinear/bilinear resize of probability maps, align_corners=True like the reference up_ops."""
-    if tuple(probs.shape[2:]) == tuple(size):
-        return probs
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
-    return F.interpolate(probs, size=tuple(size), mode=mode, align_corners=True)
+    """(Bi/tri)linear resize of probability maps, align_corners=True like the reference up_ops."""
+    return linear_resize(probs, size)
 
 
 def call(fn, *args):

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .resize import linear_resize
+
 
 # PyTorch runs a CPU fp32 Conv3d on a single volume with oneDNN only when C*D*H of its input
 # exceeds this; below it, the slow native kernel.
@@ -155,7 +157,7 @@ class UpsampleInput:
     smaller in 3D)."""
 
     def forward(self, x, size):
-        return super().forward(upsample_to(x, size))
+        return super().forward(linear_resize(x, size))
 
 
 class ConcatInputs:
@@ -168,30 +170,11 @@ class ConcatInputs:
 
 
 class UpsampleConvNormAct(UpsampleInput, ConvNormAct):
-    """``upsample_to`` then conv -> norm -> act."""
+    """``linear_resize`` then conv -> norm -> act."""
 
 
 class ConcatConvNormAct(ConcatInputs, ConvNormAct):
     """conv -> norm -> act of the concatenated inputs."""
-
-
-def interp_mode(dims: int) -> str:
-    """Linear interpolation mode for `dims` spatial dimensions (bilinear / trilinear)."""
-    return {2: "bilinear", 3: "trilinear"}[dims]
-
-
-def upsample_to(x: Tensor, size, align_corners: bool = True) -> Tensor:
-    """(Bi/tri)linear resize of x [B, C, *spatial] to `size` (a shape tuple or a reference tensor).
-
-    With align_corners=True this equals the references' ``nn.Upsample(scale_factor=2,
-    align_corners=True)`` whenever the size is exactly double, and still works for odd sizes.
-    """
-    if isinstance(size, Tensor):
-        size = size.shape[2:]
-    size = tuple(int(s) for s in size)
-    if tuple(x.shape[2:]) == size:
-        return x
-    return F.interpolate(x, size=size, mode=interp_mode(x.dim() - 2), align_corners=align_corners)
 
 
 def kaiming_init(module: nn.Module) -> None:

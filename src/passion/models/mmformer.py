@@ -61,7 +61,7 @@ class PreNormConv(nn.Module):
 
 
 class UpsamplePreNormConv(UpsampleInput, PreNormConv):
-    """``upsample_to`` then the pre-norm conv."""
+    """``linear_resize`` then the pre-norm conv."""
 
 
 class ConcatPreNormConv(ConcatInputs, PreNormConv):
