@@ -355,3 +355,14 @@ def test_one_modality_fusion_rows_and_the_single_modality_decoder_share_one_gath
     every = torch.ones(2, M, dtype=torch.bool).nonzero(as_tuple=True)
     views = features.pair_scales(*every)  # every pair in row-major order: views of the stacked features
     assert all(v._base is s for v, s in zip(views, features.scales))
+
+
+def test_pair_rows_gathers_and_scatters_whole_rows():
+    from passion.models.interface import pair_rows
+    t = torch.randn(2, 3, 4, 5, requires_grad=True)
+    b_idx, m_idx = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 2])
+    got, ref = pair_rows(t, b_idx, m_idx), t[b_idx, m_idx]
+    assert torch.equal(got, ref)
+    g = torch.randn_like(ref)
+    assert torch.equal(torch.autograd.grad(got, t, g)[0], torch.autograd.grad(ref, t, g)[0])
+    assert type(got.grad_fn).__name__ == "IndexSelectBackward0"  # not IndexBackward0's slow scatter

@@ -67,7 +67,7 @@ class Features:
         if self._every_pair_in_order(b_idx, m_idx):
             gathered = [s.flatten(0, 1) for s in self.scales]  # views, no copy
         else:
-            gathered = [s[b_idx, m_idx] for s in self.scales]
+            gathered = [pair_rows(s, b_idx, m_idx) for s in self.scales]
         self._pairs = (b_idx, m_idx, gathered)
         return gathered
 
@@ -93,7 +93,15 @@ def decode_available(decoder: nn.Module, features: Features, mask: Tensor | None
     logits = decoder(features.pair_scales(b, m))
     if b.numel() == batch * mods:
         return logits.reshape(shape)
-    return logits.new_zeros(shape).index_put((b, m), logits)
+    rows = logits.new_zeros((batch * mods,) + shape[2:]).index_copy(0, b * mods + m, logits)
+    return rows.reshape(shape)
+
+
+def pair_rows(t: Tensor, b_idx: Tensor, m_idx: Tensor) -> Tensor:
+    """``t[b_idx, m_idx]`` for t [B, M, ...], as one index_select of the flattened B*M rows: the
+    same values, but its backward adds whole rows where advanced indexing's accumulates element by
+    element (5x slower forward+backward on [1, 4, 8, 80^3] on the CPU)."""
+    return t.flatten(0, 1).index_select(0, b_idx * t.shape[1] + m_idx)
 
 
 @dataclass

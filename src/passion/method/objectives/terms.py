@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ...models.interface import Features, FusedOutput
+from ...models.interface import Features, FusedOutput, pair_rows
 from ...utils import PassionError
 from .. import losses as L
 from ..preference import AllReduce
@@ -97,7 +97,7 @@ def sep_losses(model: nn.Module, features: Features, a: Tensor, y: Tensor,
 
 def _pair_seg_losses(logits: Tensor, y: Tensor, b_idx: Tensor, m_idx: Tensor) -> Tensor:
     """The pairs are gathered inside the term, so a recomputed term does not keep the gathered copy."""
-    return _logit_seg_loss(logits[b_idx, m_idx], y.index_select(0, b_idx))
+    return _logit_seg_loss(pair_rows(logits, b_idx, m_idx), y.index_select(0, b_idx))
 
 
 def fused_losses(model: nn.Module, fused: FusedOutput, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,7 +144,7 @@ def seg_terms(obj: Objective, model: nn.Module, batch: dict[str, Tensor], epoch:
     fused = None if warm else model.fuse(features, mask)
     y = L.one_hot(target, model.num_classes if fused is None else fused.logits.shape[1])
     logits = model.decode_single(features, a)  # [B, M, C, *]
-    probs = class_probs(logits[b_idx, m_idx])
+    probs = class_probs(pair_rows(logits, b_idx, m_idx))
     y_pairs = y.index_select(0, b_idx)
     sep_bm = scatter_pairs(loss_term(model, L.seg_loss, probs, y_pairs), b_idx, m_idx, tuple(a.shape))
     if fused is None:
