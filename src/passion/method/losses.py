@@ -62,11 +62,6 @@ def seg_loss(probs: Tensor, y: Tensor) -> Tensor:
     return weighted_ce(probs, y) + soft_dice(probs, y)
 
 
-def upsample(probs: Tensor, size: Sequence[int]) -> Tensor:
-    """(Bi/tri)linear resize of probability maps, align_corners=True like the reference up_ops."""
-    return linear_resize(probs, size)
-
-
 def call(fn, *args):
     """The default `run` of the multi-term losses below: fn(*args). An objective may pass one that
     checkpoints each term instead (objectives/terms.loss_term)."""
@@ -79,7 +74,7 @@ def aux_weights(num_aux: int) -> list[float]:
 
 
 def _aux_term(z: Tensor, y: Tensor) -> Tensor:
-    return seg_loss(upsample(torch.softmax(at_least_fp32(z), dim=1), y.shape[2:]), y)
+    return seg_loss(linear_resize(torch.softmax(at_least_fp32(z), dim=1), y.shape[2:]), y)
 
 
 def aux_seg_loss(aux_logits: Sequence[Tensor], y: Tensor, run=call) -> Tensor:
@@ -95,7 +90,7 @@ def tempered_probs(logits: Tensor, temperature: float, size: Sequence[int] | Non
     """clamp(up(softmax(z / T)), 0.005, 1): softmax, optional upsampling, then the clamp."""
     p = torch.softmax(at_least_fp32(logits) / temperature, dim=1)
     if size is not None:
-        p = upsample(p, size)
+        p = linear_resize(p, size)
     return p.clamp(PROB_CLAMP, 1.0)
 
 

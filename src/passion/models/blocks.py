@@ -142,6 +142,11 @@ class ConvNormAct(nn.Module):
     def forward(self, x):
         return norm_act(self.norm, self.act, self.conv(x))
 
+    def one_modality(self, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
+        """The block (a 1^3 conv over M stacked modality blocks) where row p holds only modality
+        present[p]; x [P, C, *S] are that modality's channels (see pointwise_conv_one_modality)."""
+        return norm_act(self.norm, self.act, pointwise_conv_one_modality(self.conv, x, present, num_modalities))
+
 
 def postnorm_block(in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, dims: int = 3,
                    cls: type[ConvNormAct] = ConvNormAct) -> ConvNormAct:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import register_model
-from .blocks import ConvNormAct, conv_cls, kaiming_init, norm_act, pointwise_conv_one_modality, postnorm_block
+from .blocks import ConvNormAct, conv_cls, kaiming_init, postnorm_block
 from .interface import Backbone, Features, FusedOutput, decode_available
 from .mmformer import (NUM_SCALES, POSTNORM, EncoderStage, ModalityEncoder, SeparateDecoder, check_config,
                        check_input, run_per_modality)
@@ -186,8 +186,7 @@ class PostFusionBlock(nn.Sequential):
     def _one_modality(self, x: Tensor, present: Tensor) -> Tensor:
         """The block on stacked features where row p holds only modality present[p] (x: its
         [P, C, ...] channels); only that modality's weight columns of the first conv are used."""
-        first = self[0]
-        y = norm_act(first.norm, first.act, pointwise_conv_one_modality(first.conv, x, present, self.num_modalities))
+        y = self[0].one_modality(x, present, self.num_modalities)
         for block in list(self)[1:]:
             y = block(y)
         return y

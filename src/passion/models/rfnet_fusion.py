@@ -9,14 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .blocks import ConvNormAct, conv_cls, norm_act, pointwise_conv_one_modality, postnorm_block
+from .blocks import conv_cls, postnorm_block
 from .rows import Rows
-
-
-def _pointwise_one_modality(cna: ConvNormAct, x: Tensor, present: Tensor, num_modalities: int) -> Tensor:
-    """``cna`` (1^3 conv over M stacked modality features, norm, act) when row p holds only
-    modality present[p]; x [P, C, *S] are that modality's channels (see pointwise_conv_one_modality)."""
-    return norm_act(cna.norm, cna.act, pointwise_conv_one_modality(cna.conv, x, present, num_modalities))
 
 
 class RegionPriorGenerator(nn.Module):
@@ -44,7 +38,7 @@ class RegionPriorGenerator(nn.Module):
         """modal: masked features [B, M, C, *S], or Rows that may also hold one-modality rows."""
         first = Rows.of(modal).apply(
             lambda full: self.embed[0](full.flatten(1, 2)),
-            lambda one, present: _pointwise_one_modality(self.embed[0], one, present, self.num_modalities))
+            lambda one, present: self.embed[0].one_modality(one, present, self.num_modalities))
         emb = self.embed[1:](first)
         if not self.last_stage:
             emb = torch.cat((decoder_feat, emb), dim=1)
@@ -138,4 +132,4 @@ class RegionAwareFusion(nn.Module):
             w_present = weight.gather(1, present[:, None]).to(yf.dtype)  # [P, 1]
             region_feats.append(w_present[:, :, None] * yf * pf[:, i:i + 1])
         regions = torch.stack(region_feats, dim=1).reshape(p, r * c, *spatial)
-        return regions, _pointwise_one_modality(self.shortcut[0], y, present, self.num_modalities)
+        return regions, self.shortcut[0].one_modality(y, present, self.num_modalities)
