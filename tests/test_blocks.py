@@ -1,5 +1,6 @@
-"""The batch-of-one Conv3d fast path computes the same convolution as nn.Conv3d; the fused
-InstanceNorm + in-place LeakyReLU equals the modules applied one after the other."""
+"""The batch-of-one Conv3d fast path and the pointwise (1x1x1) matrix-product path compute the
+same convolution as nn.Conv3d; the fused InstanceNorm + in-place LeakyReLU equals the modules
+applied one after the other."""
 from __future__ import annotations
 
 import pytest
@@ -88,21 +89,53 @@ def test_batches_and_autocast_take_the_plain_path(conv3d_inputs):
     assert conv3d_inputs == [(1, 2, 8, 8, 8)]
 
 
+@pytest.mark.parametrize("batch, bias", [(1, True), (3, True), (2, False)])
+def test_pointwise_conv3d_is_a_matrix_product_equal_to_conv3d(conv3d_inputs, batch, bias):
+    torch.manual_seed(0)
+    ref = nn.Conv3d(6, 4, 1, bias=bias)
+    fast = Conv3d(6, 4, 1, bias=bias)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(batch, 6, 5, 7, 9, requires_grad=True)
+    y_fast = fast(x)
+    assert conv3d_inputs == []  # no convolution kernel ran
+    y_ref = ref(x)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y_ref)
+    params = [x, *fast.parameters()]
+    grads_fast = torch.autograd.grad(y_fast, params, g)
+    grads_ref = torch.autograd.grad(y_ref, [x, *ref.parameters()], g)
+    for a, b in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["stride", "float64", "autocast", "channels_last"])
+def test_other_1x1_convolutions_take_the_convolution_kernel(conv3d_inputs, case):
+    fast = Conv3d(4, 2, 1, stride=2 if case == "stride" else 1)
+    x = torch.randn(2, 4, 6, 6, 6)
+    if case == "float64":
+        fast, x = fast.double(), x.double()
+    if case == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        fast(x)
+    assert conv3d_inputs == [tuple(x.shape)]
+
+
 @pytest.mark.parametrize("dims, affine", [(3, False), (3, True), (2, False)])
 def test_norm_act_equals_the_modules_in_turn(dims, affine):
     torch.manual_seed(0)
-    block = ConvNormAct(3, 4, dims=dims, affine=affine)
+    block = ConvNormAct(3, 4, dims=dims, affine=affine).double()  # float64: no rounding differences
     if affine:
         nn.init.normal_(block.norm.weight)
         nn.init.normal_(block.norm.bias)
-    x = torch.randn(2, 3, *(6,) * dims, requires_grad=True)
+    x = torch.randn(2, 3, *(6,) * dims, dtype=torch.float64, requires_grad=True)
     y = block(x)
     y_ref = nn.functional.leaky_relu(block.norm(block.conv(x)), 0.2)
-    assert torch.equal(y, y_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(y)
     params = [x] + list(block.parameters())
     for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g)):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     # the in-place activation is not applied to a view, so autograd does not rebuild a base
     assert "CopySlices" not in graph_nodes(y)
 

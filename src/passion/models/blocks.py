@@ -30,8 +30,12 @@ class Conv3d(nn.Conv3d):
     """
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if (x.shape[0] != 1 or x.device.type != "cpu" or x.dtype != torch.float32 or self.groups != 1
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.groups != 1
                 or torch.is_autocast_enabled("cpu")):
+            return super()._conv_forward(x, weight, bias)
+        if self._is_pointwise() and x.is_contiguous():
+            return pointwise_conv(x, weight, bias)
+        if x.shape[0] != 1:
             return super()._conv_forward(x, weight, bias)
         padding = self.padding
         if self.padding_mode != "zeros":
@@ -53,6 +57,25 @@ class Conv3d(nn.Conv3d):
         # build a zero-filled y-sized gradient per slice; contiguous() because with one output
         # plane per half the reshape is a strided view.
         return y.transpose(0, 1).reshape(1, y.shape[1], 2 * y.shape[2], *y.shape[3:]).contiguous()
+
+    def _is_pointwise(self) -> bool:
+        return (not isinstance(self.padding, str) and all(p == 0 for p in self.padding)
+                and all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride))
+
+
+def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A 1x1x1 convolution, stride 1, as one batched matrix product per sample: [O, C] @ [C, voxels].
+
+    On the CPU with few channels PyTorch's oneDNN convolution is 4-8x slower forward+backward
+    than this (8 -> 8 channels at 80^3, batch 3: 106 ms against 21 ms), and still slower at 64
+    channels. The same sums, up to float rounding.
+    """
+    b, c = x.shape[:2]
+    out = weight.shape[0]
+    flat = x.reshape(b, c, -1)
+    w = weight.reshape(1, out, c).expand(b, out, c)
+    y = torch.bmm(w, flat) if bias is None else torch.baddbmm(bias.reshape(1, out, 1), w, flat)
+    return y.view(b, out, *x.shape[2:])
 
 
 class _DepthHalves(torch.autograd.Function):
@@ -107,18 +130,18 @@ def norm_cls(dims: int):
 
 
 def norm_act(norm: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
-    """``act(norm(x))``. An InstanceNorm (no running stats) followed by an in-place LeakyReLU runs
-    the activation on the norm's own [1, B*C, *S] result, not on the [B, C, *S] view of it that
-    ``F.instance_norm`` returns: an in-place op on a view makes autograd rebuild the view's base
-    in backward (CopySlices + AsStrided, 6-7 % of an RFNet PASSION step on the CPU). Same
-    kernels, same values and gradients."""
+    """``act(norm(x))``. An InstanceNorm without running stats followed by an in-place LeakyReLU
+    runs as ``F.group_norm`` with one group per channel (the same normalisation, per sample and
+    channel over the spatial axes, up to float rounding) and the activation in place on its
+    result. On the CPU this is 2-3x faster forward than ``F.instance_norm``, which reshapes to
+    [1, B*C, *S] for ``batch_norm`` (three passes over the data against two). Applying an in-place
+    op to ``instance_norm``'s [B, C, *S] view of that result would also make autograd rebuild the
+    view's base in backward (CopySlices + AsStrided)."""
     if not (isinstance(norm, nn.modules.instancenorm._InstanceNorm) and not norm.track_running_stats
             and isinstance(act, nn.LeakyReLU) and act.inplace):
         return act(norm(x))
-    b, c = x.shape[:2]
-    weight, bias = (norm.weight.repeat(b), norm.bias.repeat(b)) if norm.affine else (None, None)
-    y = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), None, None, weight, bias, True, 0.0, norm.eps)
-    return F.leaky_relu_(y, act.negative_slope).view(x.shape)
+    y = F.group_norm(x, x.shape[1], norm.weight, norm.bias, norm.eps)
+    return F.leaky_relu_(y, act.negative_slope)
 
 
 class ConvNormAct(nn.Module):
