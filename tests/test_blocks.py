@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from passion.models import blocks
 from passion.models.blocks import Conv3d, ConvNormAct, norm_act
 
 
@@ -119,6 +120,37 @@ def test_other_1x1_convolutions_take_the_convolution_kernel(conv3d_inputs, case)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         fast(x)
     assert conv3d_inputs == [tuple(x.shape)]
+
+
+@pytest.mark.parametrize("stride, bias, batch", [(1, True, 2), (2, False, 1), (1, True, 1)])
+def test_channels_last_input_gradient_equals_conv3d_backward(monkeypatch, stride, bias, batch):
+    """Narrow convolutions on CPUs that block channels by 16: the input gradient is computed on
+    channels-last copies, the rest as before; tested on any CPU by forcing the path."""
+    monkeypatch.setattr(blocks, "_BLOCK_16_CHANNELS", True)
+    torch.manual_seed(0)
+    ref = nn.Conv3d(5, 6, 3, stride=stride, padding=1, padding_mode="reflect", bias=bias)
+    fast = Conv3d(5, 6, 3, stride=stride, padding=1, padding_mode="reflect", bias=bias)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(batch, 5, 12, 11, 10, requires_grad=True)
+    y_ref, y_fast = ref(x), fast(x)
+    assert "_ChannelsLastInputGradConv3dBackward" in graph_nodes(y_fast)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y_ref)
+    grads_ref = torch.autograd.grad(y_ref, [x, *ref.parameters()], g)
+    grads_fast = torch.autograd.grad(y_fast, [x, *fast.parameters()], g)
+    for a, b in zip(grads_fast, grads_ref):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    # only the weight needs a gradient (a first layer): no input gradient is computed
+    (gw,) = torch.autograd.grad(fast(x.detach()), [fast.weight], g)
+    torch.testing.assert_close(gw, grads_ref[1], rtol=1e-5, atol=1e-4)
+
+
+def test_wide_convolutions_keep_the_plain_backward(monkeypatch):
+    monkeypatch.setattr(blocks, "_BLOCK_16_CHANNELS", True)
+    wide = Conv3d(4, 16, 3, padding=1)
+    assert "_ChannelsLastInputGradConv3dBackward" not in graph_nodes(wide(torch.randn(2, 4, 6, 6, 6,
+                                                                                      requires_grad=True)))
 
 
 @pytest.mark.parametrize("dims, affine", [(3, False), (3, True), (2, False)])
