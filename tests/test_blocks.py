@@ -154,14 +154,18 @@ def test_wide_convolutions_keep_the_plain_backward(monkeypatch):
 
 
 @pytest.mark.parametrize("dims, affine", [(3, False), (3, True), (2, False)])
-def test_norm_act_equals_the_modules_in_turn(dims, affine):
+@pytest.mark.parametrize("path", ["norm_act", "batch_norm_act"])
+def test_norm_act_equals_the_modules_in_turn(dims, affine, path):
+    """norm_act (group_norm on the CPU) and the batch_norm-on-a-reshape path it takes on other
+    devices both equal InstanceNorm then LeakyReLU."""
     torch.manual_seed(0)
     block = ConvNormAct(3, 4, dims=dims, affine=affine).double()  # float64: no rounding differences
     if affine:
         nn.init.normal_(block.norm.weight)
         nn.init.normal_(block.norm.bias)
     x = torch.randn(2, 3, *(6,) * dims, dtype=torch.float64, requires_grad=True)
-    y = block(x)
+    fused = norm_act if path == "norm_act" else blocks._batch_norm_act
+    y = fused(block.norm, block.act, block.conv(x))
     y_ref = nn.functional.leaky_relu(block.norm(block.conv(x)), 0.2)
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     g = torch.randn_like(y)
