@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .reflect_pad import reflect_pad
 from .resize import linear_resize
 
 
@@ -20,7 +21,8 @@ SLOW_CONV3D_MAX_CDH = 20480
 class Conv3d(nn.Conv3d):
     """nn.Conv3d with faster CPU fp32 paths: 1x1x1 convolutions as matrix products
     (`pointwise_conv`), the input gradient of narrow convolutions in channels-last order
-    (`conv3d`), and no slow native kernel for a batch of one (below).
+    (`conv3d`), reflect padding with a cheaper backward (`reflect_pad`), and no slow native
+    kernel for a batch of one (below).
 
     For a single fp32 volume on the CPU, PyTorch runs Conv3d with `slow_conv3d` instead of
     oneDNN when the input's C*D*H is at most 20480 (ATen's `use_mkldnn` rule; measured 3-6x
@@ -38,7 +40,9 @@ class Conv3d(nn.Conv3d):
         if self._is_pointwise() and x.is_contiguous():
             return pointwise_conv(x, weight, bias)
         padding = self.padding
-        if self.padding_mode != "zeros":
+        if self.padding_mode == "reflect":
+            x, padding = reflect_pad(x, self._reversed_padding_repeated_twice), 0
+        elif self.padding_mode != "zeros":
             x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
         if x.shape[0] != 1 or x.shape[1] * x.shape[2] * x.shape[3] > SLOW_CONV3D_MAX_CDH:  # oneDNN already
             return conv3d(x, weight, bias, self.stride, padding, self.dilation)
