@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _triple
 
 from .reflect_pad import reflect_pad
 from .resize import linear_resize
@@ -109,7 +110,7 @@ class _ChannelsLastInputGradConv3d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.conv = (list(_triple(stride)), list(_triple(padding)), list(_triple(dilation)))
+        ctx.conv = (list(_triple(stride)), list(_triple(padding)), list(_triple(dilation)))  # aten's form
         ctx.bias_shape = None if bias is None else list(bias.shape)
         return F.conv3d(x, weight, bias, stride, padding, dilation)
 
@@ -129,12 +130,8 @@ class _ChannelsLastInputGradConv3d(torch.autograd.Function):
             gx = gx.contiguous()
         if need_w or need_b:
             _, gw, gb = backward(grad, x, weight, ctx.bias_shape, stride, padding, dilation, False, [0, 0, 0], 1,
-                                 [False, need_w, need_b and ctx.bias_shape is not None])
+                                 [False, need_w, need_b])
         return gx, gw, gb, None, None, None
-
-
-def _triple(v) -> tuple[int, int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
 
 
 class _DepthHalves(torch.autograd.Function):
