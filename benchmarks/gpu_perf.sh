@@ -5,7 +5,8 @@
 # missing dependencies may be put in WHEELS (default ./.whl). Steps, each under its own timeout so a
 # slow one cannot starve the rest: the CUDA tests, where a step's time goes (profile_step.py: device
 # busy fraction, kernel launches, top kernels; fp32, bf16, bf16 channels-last), the PASSION/baseline
-# matrix at 80^3 with four modalities, then torch.compile's first and steady steps.
+# matrix at 80^3 with four modalities, PASSION's checkpointing modes at 128^3, then torch.compile's first
+# and steady steps.
 set -u
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_setup.sh
@@ -19,8 +20,17 @@ el train_step
 (cd benchmarks && timeout "${T_STEP:-100}" python3 train_step.py --device cuda --models rfnet mmformer m2ftrans --sizes 80 128 \
   --steps 5 --warmup 2 --precisions fp32 bf16 > "$OUT/train_step_cuda.json" 2> "$OUT/train_step_cuda.log")
 tail -2 "$OUT/train_step_cuda.log"
+el checkpointing
+# row-at-a-time checkpointing of per-row blocks (eighth session): each mode's peak memory and time at 128^3,
+# one call per backbone so that a slow one leaves the others' JSON
+for m in rfnet mmformer m2ftrans; do
+  (cd benchmarks && timeout "${T_CKPT:-45}" python3 train_step.py --device cuda --models $m --objectives passion \
+    --sizes 128 --activation-checkpointing off decoder all --steps 3 --warmup 1 --precisions fp32 \
+    > "$OUT/checkpointing_cuda_$m.json" 2> "$OUT/checkpointing_cuda_$m.log")
+  tail -1 "$OUT/checkpointing_cuda_$m.log"
+done
 el compile
-(cd benchmarks && timeout "${T_COMPILE:-200}" python3 train_step.py --device cuda --models rfnet --objectives baseline passion \
+(cd benchmarks && timeout "${T_COMPILE:-100}" python3 train_step.py --device cuda --models rfnet --objectives baseline passion \
   --sizes 80 --precisions bf16 --compile --steps 5 --warmup 2 > "$OUT/compile_cuda.json" 2> "$OUT/compile_cuda.log")
 tail -4 "$OUT/compile_cuda.log"
 el done

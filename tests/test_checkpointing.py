@@ -185,6 +185,51 @@ def test_fusion_block_is_one_checkpoint_unit_over_both_kinds_of_rows(name):
     assert full.grad is not None and single.grad is not None
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_per_row_blocks_are_recomputed_one_row_at_a_time(name, monkeypatch):
+    """PASSION's batched teacher and student pass gives the decoder's blocks several rows; a block
+    the backbone declares per-row is checkpointed (and so recomputed in backward) row by row.
+    test_every_mode_gives_the_same_values_and_gradients covers the values."""
+    from passion.models import checkpointing
+    from passion.models.rows import Rows
+
+    calls: list[tuple[str, int, bool]] = []
+
+    def recording(fn, *args, **kwargs):
+        rows = {a.num_rows if isinstance(a, Rows) else a.shape[0] for a in args
+                if isinstance(a, Rows) or isinstance(a, torch.Tensor) and a.dim()}
+        calls.append((type(fn.__self__).__name__, max(rows, default=0), isinstance(fn.__self__, per_row)))
+        return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "checkpoint", recording)
+    model, cfg = tiny(name, "all")
+    per_row = tuple(model.per_row_blocks)
+    assert per_row and set(per_row) <= set(model.checkpoint_blocks)
+    passion_step(model, cfg)  # 2 samples, 5 available modalities: 2 teacher + 5 student rows
+    assert {rows for _, rows, is_per_row in calls if is_per_row} == {1}
+    others = [rows for _, rows, is_per_row in calls if not is_per_row]  # attention blocks: all rows at once
+    assert not others or max(others) > 1
+    wrapped = [m for m in model.modules() if isinstance(m, per_row) and "forward" in m.__dict__]
+    assert sum(is_per_row for *_, is_per_row in calls) > len(wrapped)  # several rows were split
+
+
+def test_rows_of_a_call_need_one_shared_leading_size():
+    from passion.models.checkpointing import _rows
+    from passion.models.rows import Rows
+
+    a, b = torch.zeros(3, 2), torch.zeros(3, 5, 5)
+    rows = Rows(torch.zeros(1, 2, 2), torch.zeros(2, 2), torch.tensor([0, 1]))  # 1 full + 2 single rows
+    assert _rows((a, b, (4, 4), None)) == 3
+    assert _rows((rows, a)) == 3
+    assert _rows((a, torch.zeros(2, 2))) == 1  # different leading sizes: not rows of one batch
+    assert _rows((a, torch.tensor(1.0))) == 1
+    assert _rows((a, [b, b])) == 1  # a list of tensors might hold rows of its own
+    assert _rows(((4, 4),)) == 1
+    one = rows.one_per_row()
+    assert [r.num_full for r in one] == [1, 0, 0] and [r.num_rows for r in one] == [1, 1, 1]
+    assert [int(r.present) for r in one[1:]] == [0, 1]
+
+
 def test_no_checkpointing_without_grad():
     model, cfg = tiny("rfnet", "all")
     x = torch.randn(1, M, *cfg["patch_size"], dtype=torch.float64)

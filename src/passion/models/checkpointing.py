@@ -13,6 +13,12 @@ backbone declares which module types are blocks (``checkpoint_blocks``) and whic
 
 The wrapper replaces ``forward`` on the block instance, so parameter names, state dicts and
 checkpoints are the same in every mode.
+
+A block the backbone declares per-row (``per_row_blocks``: row i of its output depends on row i
+of its inputs alone) that receives several rows, such as PASSION's batched teacher and student
+pass, is checkpointed one row at a time, so its backward recomputes and holds the internals of
+one row instead of all of them: the same values (per-row computation), a smaller peak. Measured
+in benchmarks/README.md ("Eighth session").
 """
 from __future__ import annotations
 
@@ -21,15 +27,52 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ACTIVATION_CHECKPOINTING
+from .rows import Rows
 
 
-def _wrap(block: nn.Module) -> None:
+def _num_rows(arg) -> int | None:
+    """Rows of a tensor (its leading size) or of models.rows.Rows; None for anything else."""
+    if isinstance(arg, Rows):
+        return arg.num_rows
+    if isinstance(arg, torch.Tensor):
+        return arg.shape[0] if arg.dim() else -1
+    return None
+
+
+def _is_plain(arg) -> bool:
+    """A value every row takes as it is: None, a number, a string, or a size."""
+    if isinstance(arg, (tuple, list)):
+        return all(isinstance(v, int) for v in arg)
+    return arg is None or isinstance(arg, (int, float, str))
+
+
+def _rows(args: tuple) -> int:
+    """Rows shared by every tensor and Rows argument; 1 when there are none, their counts
+    differ, or another argument is not plain (it might hold rows of its own)."""
+    counts = {n for n in map(_num_rows, args) if n is not None}
+    if len(counts) != 1 or not all(_num_rows(a) is not None or _is_plain(a) for a in args):
+        return 1
+    return counts.pop()
+
+
+def _one_per_row(arg, rows: int):
+    if isinstance(arg, Rows):
+        return arg.one_per_row()
+    # split (one autograd node) rather than indexing, so backward joins the rows' gradients once
+    return arg.split(1) if isinstance(arg, torch.Tensor) else (arg,) * rows
+
+
+def _wrap(block: nn.Module, per_row: bool = False) -> None:
     inner = type(block).forward.__get__(block)
 
     def forward(*args, **kwargs):
         if not torch.is_grad_enabled():  # inference: nothing to save
             return inner(*args, **kwargs)
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        rows = _rows(args) if per_row and not kwargs else 1
+        if rows <= 1:
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        parts = [_one_per_row(a, rows) for a in args]
+        return torch.cat([checkpoint(inner, *row, use_reentrant=False) for row in zip(*parts)])
 
     block.forward = forward
     block._activation_checkpointed = True
@@ -73,7 +116,8 @@ def set_activation_checkpointing(model: nn.Module, mode: str) -> list[nn.Module]
                          f"{mode!r} would change nothing")
     skip = set() if mode == "all" else {id(m) for m in model.encoder_modules()}
     blocks = outermost_blocks(model, types, skip)
+    per_row = tuple(getattr(model, "per_row_blocks", ()))
     for block in blocks:
-        _wrap(block)
+        _wrap(block, per_row=isinstance(block, per_row))
     model.activation_checkpointing = mode
     return blocks

@@ -135,6 +135,9 @@ class Backbone(nn.Module, abc.ABC):
     spatial_dims: int = 3
     # module types whose activations train.activation_checkpointing recomputes (models/checkpointing.py)
     checkpoint_blocks: tuple[type[nn.Module], ...] = ()
+    # those of them whose output row i depends on input row i alone (per-sample norms, no dropout) and
+    # that return one tensor: checkpointed over several rows, they are recomputed one row at a time
+    per_row_blocks: tuple[type[nn.Module], ...] = ()
     activation_checkpointing: str = "off"  # the mode set_activation_checkpointing applied
 
     @abc.abstractmethod

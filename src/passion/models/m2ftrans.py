@@ -250,6 +250,7 @@ class M2FTrans(Backbone):
     """
 
     checkpoint_blocks = (EncoderStage, PostFusionBlock, ConvNormAct, TransformerBlock, CrossBlock)
+    per_row_blocks = (EncoderStage, PostFusionBlock, ConvNormAct)  # not the attention blocks: dropout
 
     def __init__(self, num_modalities: int = 4, num_classes: int = 4, base_width: int = 8,
                  patch_size: Sequence[int] = (80, 80, 80), spatial_dims: int = 3, mlp_dim: int | None = None,

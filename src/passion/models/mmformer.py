@@ -284,6 +284,7 @@ class MMFormer(Backbone):
     """
 
     checkpoint_blocks = (EncoderStage, FusionBlock, PreNormConv, TransformerBlock)
+    per_row_blocks = (EncoderStage, FusionBlock, PreNormConv)  # not the transformer: dropout draws per batch
 
     def __init__(self, num_modalities: int = 4, num_classes: int = 4, base_width: int = 8,
                  patch_size: Sequence[int] = (80, 80, 80), spatial_dims: int = 3,

@@ -175,6 +175,7 @@ class RFNet(Backbone):
     """RFNet backbone (see module docstring for the mapping onto the contract)."""
 
     checkpoint_blocks = (RegionPriorGenerator, RegionAwareFusion, ConvNormAct)
+    per_row_blocks = checkpoint_blocks
 
     def __init__(self, num_modalities: int = 4, num_classes: int = 4, base_width: int = 8,
                  patch_size=(80, 80, 80), spatial_dims: int = 3):

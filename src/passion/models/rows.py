@@ -34,6 +34,17 @@ class Rows:
         return 0 if self.full is None else self.full.shape[0]
 
     @property
+    def num_rows(self) -> int:
+        return self.num_full + (0 if self.single is None else self.single.shape[0])
+
+    def one_per_row(self) -> list["Rows"]:
+        """Rows of one row each, in row order (full rows first), for row-at-a-time computation."""
+        full = [] if self.full is None else [Rows(full=f) for f in self.full.split(1)]
+        if self.single is None:
+            return full
+        return full + [Rows(single=s, present=p) for s, p in zip(self.single.split(1), self.present.split(1))]
+
+    @property
     def spatial(self) -> tuple[int, ...]:
         return tuple(self.full.shape[3:] if self.full is not None else self.single.shape[2:])
 
