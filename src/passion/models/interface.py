@@ -26,7 +26,8 @@ every backbone without adapters:
 - ``forward(x, mask) -> logits [B, C, *spatial]`` for inference.
 - ``modality_parameters(m)``: the parameters of modality m's encoder.
 - Training options: ``set_activation_checkpointing(mode)`` (a backbone declares its
-  ``checkpoint_blocks`` and ``encoder_modules``) and ``compile_stages()``.
+  ``checkpoint_blocks``, the ``per_row_blocks`` among them, and ``encoder_modules``) and
+  ``compile_stages()``.
 """
 from __future__ import annotations
 
