@@ -1,5 +1,5 @@
 """Training options that change what a run does or writes: log_every and the epoch means,
-save_epochs, grad_clip, --force, TensorBoard."""
+save_epochs, grad_clip, --force, TensorBoard; and activation checkpointing, which must not."""
 from __future__ import annotations
 
 import importlib.util
@@ -46,6 +46,22 @@ def test_epoch_records_hold_the_mean_of_every_iteration(every_iteration):
         for m in ("flair", "t1ce", "t1", "t2"):  # per-modality objects are averaged per modality
             assert rec["mean_sep"][m] == pytest.approx(_mean([r["sep"][m] for r in mine]), rel=1e-12)
         assert not any(k in rec for k in ("mean_lr", "mean_step", "mean_beta", "mean_seconds"))
+
+
+def test_activation_checkpointing_trains_the_same_run(every_iteration, tiny_data, tmp_path):
+    """PASSION through the trainer with `all` (per-row blocks recomputed row by row): the same
+    losses as without checkpointing up to fp32 rounding. Only the first steps are compared:
+    the rows' separate kernels round differently, and Adam turns rounding-level gradients (conv
+    biases before an instance norm, whose exact gradient is zero) into lr-sized steps, so later
+    steps drift apart as any two fp32 runs with different kernels do. Equality of the values and
+    gradients themselves is tested in float64 (test_checkpointing.py)."""
+    run = tmp_path / "all"
+    train(load_config(None, tiny_overrides(tiny_data, run, **{"train.activation_checkpointing": "all"})))
+    mine, ref = _records(run, "iter"), _records(every_iteration, "iter")
+    assert [r["step"] for r in mine] == [r["step"] for r in ref] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(mine[:3], ref[:3]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in mine)
 
 
 def test_log_every_thins_the_log_but_not_the_epoch_means_and_save_epochs_keeps_those_epochs(

@@ -17,8 +17,9 @@ checkpoints are the same in every mode.
 A block the backbone declares per-row (``per_row_blocks``: row i of its output depends on row i
 of its inputs alone) that receives several rows, such as PASSION's batched teacher and student
 pass, is checkpointed one row at a time, so its backward recomputes and holds the internals of
-one row instead of all of them: the same values (per-row computation), a smaller peak. Measured
-in benchmarks/README.md ("Eighth session").
+one row instead of all of them: the same values up to float rounding (the rows' kernels run
+separately; equal to 1e-10 in float64), a smaller peak. Measured in benchmarks/README.md
+("Eighth session").
 """
 from __future__ import annotations
 
