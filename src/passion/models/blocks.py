@@ -77,9 +77,16 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """
     b, c = x.shape[:2]
     out = weight.shape[0]
+    return batched_pointwise(weight.reshape(1, out, c).expand(b, out, c), x, bias)
+
+
+def batched_pointwise(weights: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
+    """Row b of x [B, C, *S] through its own 1x1 weight weights[b] [out, C], plus bias [out]:
+    [B, out, *S], as one (b)addbmm. Under autocast it is cast like the convolution it replaces."""
+    b, c = x.shape[:2]
+    out = weights.shape[1]
     flat = x.reshape(b, c, -1)
-    w = weight.reshape(1, out, c).expand(b, out, c)
-    y = torch.bmm(w, flat) if bias is None else torch.baddbmm(bias.reshape(1, out, 1), w, flat)
+    y = torch.bmm(weights, flat) if bias is None else torch.baddbmm(bias.reshape(1, out, 1), weights, flat)
     return y.view(b, out, *x.shape[2:])
 
 
@@ -168,13 +175,8 @@ def pointwise_conv_one_modality(conv: nn.Module, x: Tensor, present: Tensor, num
     blocks are zero. Equal to ``conv`` on the zero-filled [P, M*C, *S] input, but only the present
     modality's weight columns are used, so the zeros are neither built nor multiplied.
     """
-    p, c = x.shape[:2]
-    w = conv.weight.reshape(conv.out_channels, num_modalities, c)
-    w = w.index_select(1, present).transpose(0, 1)  # [P, out, C]
-    y = torch.bmm(w, x.reshape(p, c, -1))  # autocast casts both, like the conv it replaces
-    if conv.bias is not None:
-        y = y + conv.bias[None, :, None].to(y.dtype)
-    return y.reshape(p, -1, *x.shape[2:])
+    w = conv.weight.reshape(conv.out_channels, num_modalities, x.shape[1])
+    return batched_pointwise(w.index_select(1, present).transpose(0, 1), x, conv.bias)  # w: [P, out, C]
 
 
 def conv_cls(dims: int):
