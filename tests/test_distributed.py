@@ -84,8 +84,11 @@ def test_ddp_gradients_and_gate_equal_one_process_with_the_same_global_batch(tin
         assert (r0["grads"][name] - g).abs().max().item() <= 2e-4 * scale, name
 
 
-def test_two_ranks_end_with_identical_weights_and_beta(tiny_data, tmp_path):
-    overrides = tiny_overrides(tiny_data, tmp_path / "run", **{"train.iters_per_epoch": 2})
+@pytest.mark.parametrize("checkpointing", ["off", "all"])
+def test_two_ranks_end_with_identical_weights_and_beta(tiny_data, tmp_path, checkpointing):
+    """`all` also under DDP: per-row blocks checkpointed row by row use each weight several times."""
+    overrides = tiny_overrides(tiny_data, tmp_path / "run", **{"train.iters_per_epoch": 2,
+                                                              "train.activation_checkpointing": checkpointing})
     mp.spawn(_run_worker, args=(2, _free_port(), overrides, str(tmp_path)), nprocs=2, join=True)
     a, b = torch.load(tmp_path / "final_rank0.pt"), torch.load(tmp_path / "final_rank1.pt")
     for key in a["model"]:
