@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 import types
 
@@ -61,7 +62,7 @@ def test_activation_checkpointing_trains_the_same_run(every_iteration, tiny_data
     assert [r["step"] for r in mine] == [r["step"] for r in ref] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(mine[:3], ref[:3]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in mine)
+    assert all(math.isfinite(r["loss"]) for r in mine)
 
 
 def test_log_every_thins_the_log_but_not_the_epoch_means_and_save_epochs_keeps_those_epochs(

@@ -34,11 +34,16 @@ class Conv3d(nn.Conv3d):
     already take oneDNN, which is 2-30 % faster unsplit.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pointwise = (not isinstance(self.padding, str) and all(p == 0 for p in self.padding)
+                           and all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride))
+
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.groups != 1
                 or torch.is_autocast_enabled("cpu")):
             return super()._conv_forward(x, weight, bias)
-        if self._is_pointwise() and x.is_contiguous():
+        if self._pointwise and x.is_contiguous():
             return pointwise_conv(x, weight, bias)
         padding = self.padding
         if self.padding_mode == "reflect":
@@ -62,10 +67,6 @@ class Conv3d(nn.Conv3d):
         # build a zero-filled y-sized gradient per slice; contiguous() because with one output
         # plane per half the reshape is a strided view.
         return y.transpose(0, 1).reshape(1, y.shape[1], 2 * y.shape[2], *y.shape[3:]).contiguous()
-
-    def _is_pointwise(self) -> bool:
-        return (not isinstance(self.padding, str) and all(p == 0 for p in self.padding)
-                and all(k == 1 for k in self.kernel_size) and all(s == 1 for s in self.stride))
 
 
 def pointwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
