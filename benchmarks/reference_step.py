@@ -158,7 +158,8 @@ def build_reference_step(ref_dir: Path, name: str, objective: str, batch: dict, 
     model.train()
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": PAPER_LR, "weight_decay": PAPER_WEIGHT_DECAY}],
                             betas=(0.9, 0.999), eps=1e-08, amsgrad=True)
-    x, mask = batch["image"], batch["mask"].bool()
+    x = batch["image"]
+    mask = batch["mask"].bool().to(x.device)  # the paper's code indexes its features with it
     target = torch.nn.functional.one_hot(batch["target"], num_cls).permute(0, 4, 1, 2, 3).float()
     swl, dice = crit.softmax_weighted_loss, crit.dice_loss
     modal_weight = torch.full((mask.shape[1],), PAPER_ITERS_PER_EPOCH / PAPER_MODALITY_COUNT, device=dev)

@@ -54,7 +54,7 @@ def make_batch(size: int, dims: int, m: int, available: int, dev) -> dict:
     for cls, half in ((2, 12), (3, 6), (1, 3)):  # nested cubes (squares in 2D) of three classes
         target[(slice(None),) + (slice(c - half, c + half),) * dims] = cls
     return {"image": torch.randn(1, m, *(size,) * dims).to(dev), "target": target.to(dev),
-            "mask": torch.tensor([[i < available for i in range(m)]]).to(dev)}
+            "mask": torch.tensor([[i < available for i in range(m)]])}  # on the host, as the trainer keeps it
 
 
 def build_step(name: str, objective: str, size: int, precision: str, device: str = "cpu",

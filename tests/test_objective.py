@@ -121,7 +121,7 @@ def test_batched_single_modality_fuse_equals_separate_calls():
     feats = model.encode(batch["image"], batch["mask"])
     for mask in ([[True] * 3, [True] * 3], [[True, False, True], [False, True, True]]):
         a = torch.tensor(mask)
-        b_idx, m_idx = available_pairs(a)
+        b_idx, m_idx = available_pairs(feats, a)
         out = model.fuse_single(feats, b_idx, m_idx)
         for p, (b, m) in enumerate(zip(b_idx.tolist(), m_idx.tolist())):
             e_m = torch.zeros(2, 3, dtype=torch.bool)

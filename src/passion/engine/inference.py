@@ -79,7 +79,7 @@ class SubsetPredictor:
         single = self.subsets.sum(dim=1) == 1
         parts = []  # (subset indices, probabilities [b, k, C, ...])
         with autocast(dev, self.precision):
-            enc_mask = self.encode_mask.to(dev)[None].expand(b, -1)
+            enc_mask = self.encode_mask[None].expand(b, -1)  # on the host (interface.host_mask)
             feats = self.model.encode(window, enc_mask)
             # single-modality subsets: the backbone's one-hot fusion (cheaper where it has one)
             singles = single.nonzero().squeeze(1)
@@ -123,7 +123,7 @@ class NaivePredictor:
         b = window.shape[0]
         outs = []
         with autocast(window.device, self.precision):
-            for mask in self.subsets.to(window.device):
+            for mask in self.subsets:  # on the host (interface.host_mask)
                 logits = self.model(window, mask[None].expand(b, -1))
                 outs.append(torch.softmax(logits.float(), dim=1))
         return torch.cat(outs, dim=1)

@@ -179,8 +179,9 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            step = DDP(step, device_ids=ids, find_unused_parameters=True)
+            # no device_ids: DDP would then move the batch's inputs, the host-side mask included;
+            # the trainer already put each tensor where it belongs
+            step = DDP(step, device_ids=None, find_unused_parameters=True)
         self.step_module = step
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
@@ -266,7 +267,11 @@ class Trainer:
         yield from loader
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        """The batch's tensors on the training device, except the availability mask: the models
+        and objectives read which encoders and pairs to run from it, and on the host that costs
+        no wait for the device (models.interface.host_mask)."""
+        return {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) and k != "mask" else v)
+                for k, v in batch.items()}
 
     def train(self) -> Path:
         cfg, t = self.cfg, self.cfg.train
@@ -302,11 +307,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, t.precision):
             out = self.step_module(batch, epoch)
-        loss, stats = out.loss, out.stats
-        if not torch.isfinite(loss):
-            raise PassionError(f"loss became {loss.item()} at epoch {epoch} iteration {self.state.iteration}; "
+        self.scaler.scale(out.loss).backward()
+        # the step's one device->host copy (loss and logged stats), after backward was queued and
+        # before the weights change
+        loss_value, stats = out.host_values()
+        if not math.isfinite(loss_value):
+            raise PassionError(f"loss became {loss_value} at epoch {epoch} iteration {self.state.iteration}; "
                                f"try train.precision=fp32 or a lower train.lr")
-        self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)  # the hook and clipping see true gradients (no-op unless fp16)
         stats = {**stats, **(self.objective.after_backward(self.model, epoch) or {})}  # e.g. OGM-GE's modulation
         if t.grad_clip:
@@ -317,7 +324,7 @@ class Trainer:
         self.state.step += 1
         elapsed = time.perf_counter() - started
         record = {"type": "iter", "epoch": epoch, "iteration": self.state.iteration, "step": self.state.step,
-                  "loss": float(loss.detach()), "lr": lr, "seconds": elapsed,
+                  "loss": loss_value, "lr": lr, "seconds": elapsed,
                   "samples_per_s": batch["image"].shape[0] * self.dist.world_size / max(elapsed, 1e-9)}
         record.update(stats)
         self.epoch_means.add(record)

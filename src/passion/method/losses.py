@@ -180,13 +180,16 @@ def proto_distill(student_feat: Tensor, teacher_feat: Tensor, y: Tensor,
     are computed separately from student and teacher features. rows: optional [P] teacher row
     of every student row (the teacher's maps are then computed once per sample). With no
     selected class both terms are zero.
+
+    The maps are computed for every class and the unselected ones weighted 0, rather than
+    indexing the selected classes: which classes are present is only known on the device, and
+    indexing by it would make a GPU step wait for the device here. An absent class has a zero
+    prototype and a zero map, so nothing undefined enters the sums.
     """
-    b = student_feat.shape[0]
-    if not bool(classes.any()):
-        zero = at_least_fp32(student_feat).sum() * 0.0
-        return zero.expand(b), student_feat.new_zeros(b, dtype=zero.dtype)
-    ys = y[:, classes]
-    s_student = similarity_maps(student_feat, prototypes(student_feat, _rows(ys, rows)))
-    s_teacher = similarity_maps(teacher_feat, prototypes(teacher_feat, ys))
-    diff = (s_student - _rows(s_teacher, rows)).flatten(1)
-    return diff.pow(2).mean(dim=1), diff.abs().mean(dim=1)
+    s_student = similarity_maps(student_feat, prototypes(student_feat, _rows(y, rows)))
+    s_teacher = similarity_maps(teacher_feat, prototypes(teacher_feat, y))
+    diff = s_student - _rows(s_teacher, rows)  # [P, C, *spatial]
+    weight = classes.to(diff.dtype).reshape((1, -1) + (1,) * (diff.dim() - 2))
+    count = classes.sum().clamp_min(1) * diff[0, 0].numel()  # selected classes x voxels
+    diff = (diff * weight).flatten(1)
+    return diff.pow(2).sum(dim=1) / count, diff.abs().sum(dim=1) / count

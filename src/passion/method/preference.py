@@ -108,10 +108,12 @@ class PreferenceState:
         self.count = torch.zeros(self.num_modalities, dtype=torch.float64)
 
     def accumulate(self, dist_sum: Tensor, count: Tensor) -> None:
-        """Add this step's (rank-local) sums of d[., m] and of a[., m]."""
+        """Add this step's (rank-local) sums of d[., m] and of a[., m]. The running sums live on
+        the step's device until the epoch ends or a checkpoint reads them, so a step never waits
+        for the device here."""
         self.device = dist_sum.device
-        self.dist_sum += dist_sum.detach().double().cpu()
-        self.count += count.detach().double().cpu()
+        self.dist_sum = self.dist_sum.to(self.device) + dist_sum.detach().double()
+        self.count = self.count.to(self.device) + count.detach().double()
 
     def end_epoch(self, epoch: int, all_reduce: AllReduce = identity_all_reduce,
                   update: bool = True) -> dict[str, list[float] | float]:

@@ -25,6 +25,11 @@ every backbone without adapters:
   one-modality fusion rows and this decoder share one copy.
 - ``forward(x, mask) -> logits [B, C, *spatial]`` for inference.
 - ``modality_parameters(m)``: the parameters of modality m's encoder.
+- Masks may live on the host or on the device. Every choice a mask makes about shapes (which
+  encoders run on which samples, which pairs exist) is read from its host copy (``host_mask``,
+  ``modality_samples``, ``Features.pairs``) and only arithmetic moves it to the device, so a
+  training step, whose mask the trainer keeps on the host, never waits for a GPU
+  (tests/test_no_device_wait.py).
 - Training options: ``set_activation_checkpointing(mode)`` (a backbone declares its
   ``checkpoint_blocks``, the ``per_row_blocks`` among them, and ``encoder_modules``) and
   ``compile_stages()``.
@@ -38,6 +43,23 @@ import torch
 from torch import Tensor, nn
 
 
+def host_mask(mask: Tensor) -> Tensor:
+    """The [B, M] availability mask on the host, as bool. Every choice a mask makes about shapes
+    (which encoders run on which samples, which (sample, modality) pairs exist) is read from
+    this copy, so a training step on a GPU never waits for the device to learn it: the trainer
+    keeps the batch's mask on the host. A mask on the host costs nothing; one on a GPU is
+    copied (and waited for) once per call."""
+    return mask.detach().to(device="cpu", dtype=torch.bool)
+
+
+def modality_samples(mask: Tensor, device: torch.device) -> list[Tensor | None]:
+    """Per modality m of mask [B, M]: None when every sample has it, else the indices of the
+    samples that do, on `device` (empty when none), read from the host copy of the mask."""
+    host = host_mask(mask)
+    return [None if bool(sel.all()) else sel.nonzero().squeeze(1).to(device)
+            for sel in host.unbind(dim=1)]
+
+
 @dataclass
 class Features:
     """Per-modality encoder features: each tensor is [B, M, ...]."""
@@ -45,6 +67,9 @@ class Features:
     scales: list[Tensor]
     extra: dict[str, Tensor] = field(default_factory=dict)
     _pairs: tuple | None = field(default=None, repr=False, compare=False)
+    # (b_idx, m_idx) on the features' device with their host copies, as made by `pairs`
+    _pair_index: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list, repr=False,
+                                                                    compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -57,27 +82,55 @@ class Features:
         """Repeat every sample `times` times consecutively ([B, ...] -> [B*times, ...])."""
         return self.map(lambda t: t.repeat_interleave(times, dim=0))
 
+    def pairs(self, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(b_idx, m_idx) of the (sample, modality) pairs where mask [B, M] (default: all) is True,
+        in row-major order, on the features' device. Read from the host copy of the mask, and the
+        same tensors for the same mask, so that ``pair_scales`` recognises them without asking the
+        device."""
+        batch, mods = self.scales[0].shape[:2]
+        host = torch.ones(batch, mods, dtype=torch.bool) if mask is None else host_mask(mask)
+        b_host, m_host = host.nonzero(as_tuple=True)
+        for b, m, b_old, m_old in self._pair_index:
+            if torch.equal(b_old, b_host) and torch.equal(m_old, m_host):
+                return b, m
+        device = self.scales[0].device
+        b, m = b_host.to(device), m_host.to(device)
+        self._pair_index.append((b, m, b_host, m_host))
+        return b, m
+
+    def _host_copies(self, b_idx: Tensor, m_idx: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The pairs' values on the host without a device sync: host tensors themselves, or the
+        copies ``pairs`` kept; None for device tensors of unknown origin."""
+        if b_idx.device.type == "cpu" and m_idx.device.type == "cpu":
+            return b_idx, m_idx
+        for b, m, b_host, m_host in self._pair_index:
+            if b is b_idx and m is m_idx:
+                return b_host, m_host
+        return None
+
     def pair_scales(self, b_idx: Tensor, m_idx: Tensor) -> list[Tensor]:
         """``scales[l][b_idx, m_idx]`` ([P, C_l, *S_l]) for every level, gathered once for a list of
         (sample, modality) pairs: PASSION's one-modality fusion rows and the single-modality decoder
         use the same pairs, and sharing the copies keeps one of them for backward instead of two."""
-        if self._pairs is not None:
+        host = self._host_copies(b_idx, m_idx)
+        if self._pairs is not None and host is not None:
             b_old, m_old, gathered = self._pairs
-            if b_old.shape == b_idx.shape and torch.equal(b_old, b_idx) and torch.equal(m_old, m_idx):
+            if b_old.shape == host[0].shape and torch.equal(b_old, host[0]) and torch.equal(m_old, host[1]):
                 return gathered
-        if self._every_pair_in_order(b_idx, m_idx):
+        if host is not None and self._every_pair_in_order(*host):
             gathered = [s.flatten(0, 1) for s in self.scales]  # views, no copy
         else:
             gathered = [pair_rows(s, b_idx, m_idx) for s in self.scales]
-        self._pairs = (b_idx, m_idx, gathered)
+        if host is not None:
+            self._pairs = (host[0], host[1], gathered)
         return gathered
 
-    def _every_pair_in_order(self, b_idx: Tensor, m_idx: Tensor) -> bool:
+    def _every_pair_in_order(self, b_host: Tensor, m_host: Tensor) -> bool:
         batch, mods = self.scales[0].shape[:2]
-        if b_idx.numel() != batch * mods:
+        if b_host.numel() != batch * mods:
             return False
-        every_b, every_m = torch.ones(batch, mods, dtype=torch.bool, device=b_idx.device).nonzero(as_tuple=True)
-        return torch.equal(b_idx, every_b) and torch.equal(m_idx, every_m.to(m_idx.device))
+        every_b, every_m = torch.ones(batch, mods, dtype=torch.bool).nonzero(as_tuple=True)
+        return torch.equal(b_host, every_b) and torch.equal(m_host, every_m)
 
 
 def decode_available(decoder: nn.Module, features: Features, mask: Tensor | None, num_classes: int) -> Tensor:
@@ -85,9 +138,7 @@ def decode_available(decoder: nn.Module, features: Features, mask: Tensor | None
     (b, m) pairs (``Features.pair_scales``) and return [B, M, num_classes, *S_0], zeros elsewhere."""
     first = features.scales[0]
     batch, mods = first.shape[:2]
-    if mask is None:
-        mask = torch.ones(batch, mods, dtype=torch.bool, device=first.device)
-    b, m = mask.to(device=first.device, dtype=torch.bool).nonzero(as_tuple=True)
+    b, m = features.pairs(mask)
     shape = (batch, mods, num_classes) + tuple(first.shape[3:])
     if b.numel() == 0:
         return first.new_zeros(shape)
@@ -196,11 +247,11 @@ class Backbone(nn.Module, abc.ABC):
         return compile_backbone(self, allow_cpu=allow_cpu, **options)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        mask = mask.to(dtype=torch.bool, device=x.device)
+        mask = mask.to(dtype=torch.bool)  # where the caller keeps it (see host_mask)
         return self.fuse(self.encode(x, mask), mask).logits
 
     @staticmethod
     def zero_unavailable(x: Tensor, mask: Tensor) -> Tensor:
         """Zero modality channels of x ([B, M, ...]) where mask ([B, M]) is False."""
         shape = mask.shape + (1,) * (x.dim() - 2)
-        return x * mask.reshape(shape).to(x.dtype)
+        return x * mask.reshape(shape).to(device=x.device, dtype=x.dtype)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from . import register_model
 from .blocks import (ConcatConvNormAct, ConcatInputs, UpsampleConvNormAct, UpsampleInput, conv_cls, kaiming_init,
                      norm_act, norm_cls, pointwise_conv_one_modality, postnorm_block)
-from .interface import Backbone, Features, FusedOutput, decode_available
+from .interface import Backbone, Features, FusedOutput, decode_available, modality_samples
 from .rows import Rows
 from .transformer import (PositionEmbedding, Transformer, TransformerBlock, grid_to_tokens, token_grid,
                           tokens_to_grid)
@@ -173,7 +173,7 @@ def check_input(x: Tensor, mask: Tensor, num_modalities: int, patch: tuple[int, 
                          f"the position embeddings were built for")
     if tuple(mask.shape) != (x.shape[0], num_modalities):
         raise ValueError(f"mask must be [B, M] = [{x.shape[0]}, {num_modalities}], got {tuple(mask.shape)}")
-    return mask.to(dtype=torch.bool, device=x.device)
+    return mask.to(dtype=torch.bool)  # where the caller keeps it (interface.host_mask)
 
 
 def scatter_batch(t: Tensor, index: Tensor | None, batch: int) -> Tensor:
@@ -191,14 +191,12 @@ def run_per_modality(fn, x: Tensor, mask: Tensor) -> list[list[Tensor]]:
     """
     batch = x.shape[0]
     out: list = []
-    for m in range(mask.shape[1]):
-        sel = mask[:, m]
-        if bool(sel.all()):
+    for m, index in enumerate(modality_samples(mask, x.device)):
+        if index is None:
             out.append(fn(m, x[:, m:m + 1]))
-        elif not bool(sel.any()):
+        elif index.numel() == 0:
             out.append(None)
         else:
-            index = sel.nonzero().squeeze(1)
             out.append([scatter_batch(t, index, batch) for t in fn(m, x[index, m:m + 1])])
     ref = next((o for o in out if o is not None), None)
     if ref is None:

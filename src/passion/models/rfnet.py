@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from . import register_model
 from .blocks import ConcatConvNormAct, ConvNormAct, UpsampleConvNormAct, conv_cls, kaiming_init, postnorm_block
-from .interface import Backbone, Features, FusedOutput, decode_available
+from .interface import Backbone, Features, FusedOutput, decode_available, modality_samples
 from .rfnet_fusion import RegionAwareFusion, RegionPriorGenerator
 from .rows import Rows
 
@@ -220,13 +220,13 @@ class RFNet(Backbone):
             raise ValueError(f"rfnet: images must be [B, M={self.num_modalities}, *spatial] with "
                              f"{self.spatial_dims} spatial dims, got {list(x.shape)}")
         self._check_spatial(x.shape[2:], "input size")
-        mask = self._check_mask(mask, x.shape[0]).to(x.device)
+        mask = self._check_mask(mask, x.shape[0])
+        samples = modality_samples(mask, x.device)  # before any kernel: no wait for the device
         x = self.zero_unavailable(x, mask)
         batch = x.shape[0]
         per_modality: list[list[Tensor] | None] = []
-        for m, encoder in enumerate(self.encoders):
-            idx = mask[:, m].nonzero().squeeze(1)
-            if idx.numel() == batch:
+        for m, (encoder, idx) in enumerate(zip(self.encoders, samples)):
+            if idx is None:
                 per_modality.append(encoder(x[:, m:m + 1]))
             elif idx.numel() == 0:
                 per_modality.append(None)

@@ -18,6 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ...config import ConfigError, ObjectiveConfig
@@ -30,11 +31,40 @@ TRAINING_CURVES = "training_curves"
 
 
 @dataclass
+class PendingStats:
+    """Logged values still on the step's device: one flat tensor and how to name its numbers.
+
+    Reading them waits for the device, so the trainer reads them once per step, after the
+    backward pass (``ObjectiveOutput.host_values``): on a GPU the forward and backward kernels
+    are queued without a stop in between.
+    """
+
+    values: Tensor
+    name: Callable[[list[float]], Stats]
+
+
+@dataclass
 class ObjectiveOutput:
-    """loss: scalar to backpropagate; stats: JSON-ready floats and {modality name: float} maps."""
+    """loss: scalar to backpropagate; stats: JSON-ready floats and {modality name: float} maps,
+    given as such or as PendingStats, which are copied to the host when first read."""
 
     loss: Tensor
-    stats: Stats = field(default_factory=dict)
+    pending_stats: Stats | PendingStats = field(default_factory=dict)
+    _loss_value: float | None = field(default=None, init=False, repr=False)
+
+    @property
+    def stats(self) -> Stats:
+        return self.host_values()[1]
+
+    def host_values(self) -> tuple[float, Stats]:
+        """(the loss as a float, the stats): one device->host copy for both."""
+        if isinstance(self.pending_stats, PendingStats):
+            flat = torch.cat([self.loss.detach().float().reshape(1),
+                              self.pending_stats.values.detach().float().reshape(-1)]).cpu().tolist()
+            self._loss_value, self.pending_stats = flat[0], self.pending_stats.name(flat[1:])
+        elif self._loss_value is None:
+            self._loss_value = float(self.loss.detach())
+        return self._loss_value, self.pending_stats
 
 
 # ---------------------------------------------------------------- how stats are shown

@@ -1,12 +1,11 @@
 """The baseline objective: L = L_fuse + L_aux + sum_m L_sep[m] (METHOD.md section 4)."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .. import losses as L
 from .base import ObjectiveOutput, Objective, register_objective
-from .terms import SEG_STATS, available_pairs, encode, fused_losses, sep_losses
+from .terms import SEG_STATS, available_pairs, encode, fused_losses, sep_losses, stats_of
 
 
 @register_objective("baseline")
@@ -17,7 +16,7 @@ class BaselineObjective(Objective):
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], epoch: int) -> ObjectiveOutput:
         image, target, mask, a, features = encode(model, batch, self.setting)
-        b_idx, m_idx = available_pairs(a)
+        b_idx, m_idx = available_pairs(features, a)
         fused = None if self.in_warmup(epoch) else model.fuse(features, mask)
         y = L.one_hot(target, model.num_classes if fused is None else fused.logits.shape[1])
         sep_bm = sep_losses(model, features, a, y, b_idx, m_idx)
@@ -28,6 +27,5 @@ class BaselineObjective(Objective):
         else:
             l_fuse, l_aux = fused_losses(model, fused, y)
             loss = l_fuse + l_aux + sep_m.sum()
-        vals = torch.cat([torch.stack([loss, l_fuse, l_aux]), sep_m]).detach().cpu().tolist()
-        stats = {"loss": vals[0], "fuse": vals[1], "aux": vals[2], "sep": self.per_modality(vals[3:])}
+        stats = stats_of({"loss": loss, "fuse": l_fuse, "aux": l_aux}, {"sep": sep_m}, self.modality_names)
         return ObjectiveOutput(loss, stats)

@@ -110,8 +110,9 @@ class DWAObjective(WeightedSepObjective):
     def sep_weights(self, terms: SegTerms, epoch: int) -> Tensor:
         # rank-local sums; all-reduced once at the end of the epoch (exact: sums of sums)
         self._device = terms.sep_bm.device
-        self.loss_sum += (terms.sep_bm.detach().double() * terms.a.double()).sum(dim=0).cpu()
-        self.count += terms.a.double().sum(dim=0).cpu()
+        # kept on the device until the epoch ends: no wait for it here
+        self.loss_sum = self.loss_sum.to(self._device) + (terms.sep_bm.detach().double() * terms.a.double()).sum(dim=0)
+        self.count = self.count.to(self._device) + terms.a.double().sum(dim=0)
         return self.lam
 
     @staticmethod

@@ -10,10 +10,10 @@ from ...config import ObjectiveConfig
 from ...models.interface import FusedOutput
 from .. import losses as L
 from ..preference import PreferenceState, preference_gate, relative_preference_sums
-from .base import (TRAINING_CURVES, FigureInfo, ObjectiveOutput, Objective, Options, StatInfo, Stats, option_names,
-                   parse_options, register_objective)
-from .terms import (SEG_STATS, available_pairs, encode, fused_losses, loss_term, scatter_pairs, sep_losses,
-                    term_runner)
+from .base import (TRAINING_CURVES, FigureInfo, ObjectiveOutput, Objective, Options, PendingStats, StatInfo, Stats,
+                   option_names, parse_options, register_objective)
+from .terms import (SEG_STATS, available_pairs, encode, fused_losses, loss_term, on_device, scatter_pairs,
+                    sep_losses, stats_of, term_runner)
 
 
 @dataclass
@@ -81,7 +81,7 @@ class PassionObjective(Objective):
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], epoch: int) -> ObjectiveOutput:
         image, target, mask, a, features = encode(model, batch, self.setting)
-        b_idx, m_idx = available_pairs(a)
+        b_idx, m_idx = available_pairs(features, a)
         shape = tuple(a.shape)
         dev = image.device
         beta = self.state.beta.to(dev)
@@ -100,9 +100,10 @@ class PassionObjective(Objective):
         proto_bm = scatter_pairs(proto_vals, b_idx, m_idx, shape)
         d_bm = scatter_pairs(dist_vals.detach(), b_idx, m_idx, shape)
 
-        rp = self.all_reduce(relative_preference_sums(d_bm, a.float()))
+        a_f = on_device(a, image)
+        rp = self.all_reduce(relative_preference_sums(d_bm, a_f))
         gate = preference_gate(rp).float()
-        self.state.accumulate(d_bm.sum(dim=0), a.float().sum(dim=0))
+        self.state.accumulate(d_bm.sum(dim=0), a_f.sum(dim=0))
 
         kl_m = kl_bm.sum(dim=0) / shape[0]
         proto_m = proto_bm.sum(dim=0) / shape[0]
@@ -112,10 +113,9 @@ class PassionObjective(Objective):
         l_proto = (gate * w * proto_m).sum()
         loss = l_fuse + l_aux + l_sep + o.kl_weight * l_kl + o.proto_weight * l_proto
 
-        dist_m = d_bm.sum(dim=0) / a.float().sum(dim=0).clamp_min(1.0)
-        scalars = torch.stack([loss, l_fuse, l_aux, l_sep, l_kl, l_proto])
-        per_mod = torch.stack([sep_m, kl_m, proto_m, dist_m, gate, beta, rp.float(), w])
-        return ObjectiveOutput(loss, self._stats(scalars, per_mod))
+        dist_m = d_bm.sum(dim=0) / a_f.sum(dim=0).clamp_min(1.0)
+        return ObjectiveOutput(loss, self._stats([loss, l_fuse, l_aux, l_sep, l_kl, l_proto],
+                                                 [sep_m, kl_m, proto_m, dist_m, gate, beta, rp, w]))
 
     def _warmup_step(self, model, features, target, a, b_idx, m_idx, beta, w) -> ObjectiveOutput:
         """RFNet-style warm-up: only sum_m beta w L_sep (no fusion, no distillation, no gate)."""
@@ -125,9 +125,8 @@ class PassionObjective(Objective):
         zero = l_sep.new_zeros(())
         zeros = torch.zeros_like(sep_m)
         ones = torch.ones_like(sep_m)
-        scalars = torch.stack([l_sep, zero, zero, l_sep, zero, zero])
-        per_mod = torch.stack([sep_m, zeros, zeros, zeros, ones, beta, zeros, w])
-        return ObjectiveOutput(l_sep, self._stats(scalars, per_mod))
+        return ObjectiveOutput(l_sep, self._stats([l_sep, zero, zero, l_sep, zero, zero],
+                                                  [sep_m, zeros, zeros, zeros, ones, beta, zeros, w]))
 
     def _kl_pairs(self, model: nn.Module, fused: FusedOutput, single: FusedOutput, b_idx: Tensor) -> Tensor:
         """[P] KL_T(z_m, z) + sum_s 2^-s KL_T(z_m^s, z^s) against the detached teacher."""
@@ -146,13 +145,10 @@ class PassionObjective(Objective):
         classes = missing == 0
         return loss_term(model, L.proto_distill, g_student, g_teacher, y_g, classes, b_idx)
 
-    def _stats(self, scalars: Tensor, per_mod: Tensor) -> Stats:
-        s = scalars.detach().float().cpu().tolist()
-        p = per_mod.detach().float().cpu().tolist()
-        stats: Stats = dict(zip(("loss", "fuse", "aux", "sep_total", "kl_total", "proto_total"), s))
+    def _stats(self, scalars: list[Tensor], per_mod: list[Tensor]) -> PendingStats:
+        names = ("loss", "fuse", "aux", "sep_total", "kl_total", "proto_total")
         keys = ("sep", "kl", "proto", "distance", "gate", "beta", "relative_preference", "weight")
-        stats.update({k: self.per_modality(v) for k, v in zip(keys, p)})
-        return stats
+        return stats_of(dict(zip(names, scalars)), dict(zip(keys, per_mod)), self.modality_names)
 
     def end_epoch(self, epoch: int) -> Stats:
         """All-reduce the epoch distances, update beta (not during warm-up); keyed by modality."""

@@ -17,7 +17,7 @@ from ...models.interface import Features, FusedOutput, pair_rows
 from ...utils import PassionError
 from .. import losses as L
 from ..preference import AllReduce
-from .base import TRAINING_CURVES, Objective, StatInfo, Stats
+from .base import TRAINING_CURVES, Objective, PendingStats, StatInfo, Stats
 
 # the stats of the baseline's loss, logged by every objective built on these terms
 SEG_STATS = {
@@ -39,10 +39,10 @@ def availability(mask: Tensor, setting: str) -> Tensor:
     return torch.ones_like(mask) if setting == "pdt" else mask
 
 
-def available_pairs(a: Tensor) -> tuple[Tensor, Tensor]:
-    """(b_idx, m_idx) of available (sample, modality) pairs in row-major order."""
-    b_idx, m_idx = a.nonzero(as_tuple=True)
-    return b_idx, m_idx
+def available_pairs(features: Features, a: Tensor) -> tuple[Tensor, Tensor]:
+    """(b_idx, m_idx) of available (sample, modality) pairs in row-major order, on the features'
+    device; read from the host copy of `a` (models.interface.host_mask), so no device sync."""
+    return features.pairs(a)
 
 
 def scatter_pairs(values: Tensor, b_idx: Tensor, m_idx: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -52,10 +52,11 @@ def scatter_pairs(values: Tensor, b_idx: Tensor, m_idx: Tensor, shape: tuple[int
 
 
 def unpack(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """(image, long target, bool mask), the latter two on the image's device."""
+    """(image, long target on the image's device, bool mask where the batch keeps it: the trainer
+    keeps it on the host, where the shape choices it makes cost no device sync)."""
     image = batch["image"]
     target = batch["target"].to(device=image.device, dtype=torch.long)
-    mask = batch["mask"].to(device=image.device, dtype=torch.bool)
+    mask = batch["mask"].to(dtype=torch.bool)
     return image, target, mask
 
 
@@ -79,12 +80,18 @@ def term_runner(model: nn.Module):
 
 
 def encode(model: nn.Module, batch: dict[str, Tensor], setting: str):
-    """(image, target, mask, availability a, features): the one encoder pass of a step."""
+    """(image, target, mask, availability a, features): the one encoder pass of a step. mask and a
+    stay where the batch keeps the mask (the host, in training); `on_device(a, image)` for sums."""
     check_model(model)
     image, target, mask = unpack(batch)
     a = availability(mask, setting)
     features = model.encode(image, a)
     return image, target, mask, a, features
+
+
+def on_device(a: Tensor, like: Tensor) -> Tensor:
+    """The availability a [B, M] as floats on `like`'s device, for the objectives' arithmetic."""
+    return a.to(device=like.device, dtype=torch.float32)
 
 
 def sep_losses(model: nn.Module, features: Features, a: Tensor, y: Tensor,
@@ -139,7 +146,7 @@ class SegTerms:
 def seg_terms(obj: Objective, model: nn.Module, batch: dict[str, Tensor], epoch: int) -> SegTerms:
     """Encode once; fuse with the actual mask (not in warm-up); single-modality seg losses."""
     image, target, mask, a, features = encode(model, batch, obj.setting)
-    b_idx, m_idx = available_pairs(a)
+    b_idx, m_idx = available_pairs(features, a)
     warm = obj.in_warmup(epoch)
     fused = None if warm else model.fuse(features, mask)
     y = L.one_hot(target, model.num_classes if fused is None else fused.logits.shape[1])
@@ -151,7 +158,7 @@ def seg_terms(obj: Objective, model: nn.Module, batch: dict[str, Tensor], epoch:
         l_fuse = l_aux = sep_bm.new_zeros(())
     else:
         l_fuse, l_aux = fused_losses(model, fused, y)
-    return SegTerms(l_fuse, l_aux, sep_bm, a.float(), b_idx, m_idx, probs, y_pairs, target, features, warm)
+    return SegTerms(l_fuse, l_aux, sep_bm, on_device(a, image), b_idx, m_idx, probs, y_pairs, target, features, warm)
 
 
 def modality_sums(values_bm: Tensor, a: Tensor, all_reduce: AllReduce) -> tuple[Tensor, Tensor]:
@@ -162,18 +169,21 @@ def modality_sums(values_bm: Tensor, a: Tensor, all_reduce: AllReduce) -> tuple[
     return both[:m].cpu(), both[m:].cpu()
 
 
-def stats_of(scalars: dict[str, Tensor], per_mod: dict[str, Tensor], names: list[str]) -> Stats:
-    """One device->host copy for all logged values; per-modality maps keyed by modality name."""
-    keys = list(scalars) + list(per_mod)
-    flat = torch.cat([torch.stack([scalars[k].detach().float().reshape(()) for k in scalars]).cpu()]
-                     + [per_mod[k].detach().float().cpu().reshape(-1) for k in per_mod])
-    vals = flat.tolist()
-    stats: Stats = {k: vals[i] for i, k in enumerate(scalars)}
-    pos = len(scalars)
-    for k in keys[len(scalars):]:
-        stats[k] = {n: vals[pos + j] for j, n in enumerate(names)}
-        pos += len(names)
-    return stats
+def stats_of(scalars: dict[str, Tensor], per_mod: dict[str, Tensor], names: list[str]) -> PendingStats:
+    """All logged values in one device tensor, read with one device->host copy when the trainer
+    asks (base.PendingStats); per-modality maps keyed by modality name."""
+    flat = torch.cat([torch.stack([scalars[k].detach().float().reshape(()) for k in scalars])]
+                     + [per_mod[k].detach().float().reshape(-1) for k in per_mod])
+
+    def name(vals: list[float]) -> Stats:
+        stats: Stats = {k: vals[i] for i, k in enumerate(scalars)}
+        pos = len(scalars)
+        for k in per_mod:
+            stats[k] = {n: vals[pos + j] for j, n in enumerate(names)}
+            pos += len(names)
+        return stats
+
+    return PendingStats(flat, name)
 
 
 # ---------------------------------------------------------------- modality confidence (OGM-GE, PMR)
