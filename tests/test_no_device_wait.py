@@ -8,8 +8,8 @@ where the trainer keeps it, therefore runs through its forward, backward and opt
 if nothing in it waits for the device; on a GPU each such wait drains the queue of kernels.
 The logged values stay on the device until ``ObjectiveOutput.host_values`` reads them.
 
-Not covered: the comparison objectives uncertainty, OGM-GE and PMR, whose per-step weights are
-computed on the host from per-step statistics (one more device->host copy per step each).
+Not covered: the comparison objectives OGM-GE and PMR, which decide their per-step weights (and
+OGM-GE its gradient noise) on the host from per-step statistics: more device->host copies per step.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def meta_step(model_name: str, objective: str, checkpointing: str = "off") -> tu
     return out, model
 
 
-@pytest.mark.parametrize("objective", ["baseline", "passion", "dwa"])
+@pytest.mark.parametrize("objective", ["baseline", "passion", "dwa", "uncertainty"])
 @pytest.mark.parametrize("model_name", list_models())
 def test_a_training_step_runs_without_reading_the_device(model_name, objective):
     out, model = meta_step(model_name, objective)

@@ -192,6 +192,7 @@ class UncertaintyObjective(WeightedSepObjective):
         return torch.exp(-self.log_var().clamp(lo, hi))
 
     def sep_weights(self, terms: SegTerms, epoch: int) -> Tensor:
+        self.ema = self.ema.to(terms.sep_bm.device)  # the EMA lives on the step's device: no wait for it
         lam = self.current_weights()
         s, n = modality_sums(terms.sep_bm, terms.a, self.all_reduce)
         seen = n > 0

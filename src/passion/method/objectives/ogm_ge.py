@@ -88,7 +88,7 @@ class OGMGEObjective(Objective):
 
         conf = class_balanced_true_prob(terms.probs, terms.y_pairs)
         conf_bm = scatter_pairs(conf, terms.b_idx, terms.m_idx, tuple(terms.a.shape))
-        s, n = modality_sums(conf_bm, terms.a, self.all_reduce)
+        s, n = (t.cpu() for t in modality_sums(conf_bm, terms.a, self.all_reduce))  # decided on the host
         seen = n > 0
         score = torch.where(seen, s / n.clamp_min(1.0), torch.zeros_like(s))
         ratio = ratio_to_others(score, seen)

@@ -159,7 +159,8 @@ class PMRObjective(Objective):
         score = class_balanced_true_prob(torch.softmax(logits.detach(), dim=1), y)
         shape = tuple(terms.a.shape)
         ce_m = scatter_pairs(ce, terms.b_idx, terms.m_idx, shape).sum(dim=0) / shape[0]
-        s, n = modality_sums(scatter_pairs(score, terms.b_idx, terms.m_idx, shape), terms.a, self.all_reduce)
+        s, n = (t.cpu() for t in modality_sums(scatter_pairs(score, terms.b_idx, terms.m_idx, shape), terms.a,
+                                               self.all_reduce))  # decided on the host
         seen_m = n > 0
         score_m = torch.where(seen_m, s / n.clamp_min(1.0), torch.zeros_like(s))
         ratio = ratio_to_others(score_m, seen_m)

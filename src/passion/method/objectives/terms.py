@@ -162,18 +162,20 @@ def seg_terms(obj: Objective, model: nn.Module, batch: dict[str, Tensor], epoch:
 
 
 def modality_sums(values_bm: Tensor, a: Tensor, all_reduce: AllReduce) -> tuple[Tensor, Tensor]:
-    """All-reduced per-modality (sum over available samples, number of them): both [M] float64."""
+    """All-reduced per-modality (sum over available samples, number of them): both [M] float64, on
+    the device of values_bm."""
     both = torch.cat([(values_bm.detach().float() * a).sum(dim=0), a.sum(dim=0)]).double()
     both = all_reduce(both)
     m = values_bm.shape[1]
-    return both[:m].cpu(), both[m:].cpu()
+    return both[:m], both[m:]
 
 
 def stats_of(scalars: dict[str, Tensor], per_mod: dict[str, Tensor], names: list[str]) -> PendingStats:
     """All logged values in one device tensor, read with one device->host copy when the trainer
     asks (base.PendingStats); per-modality maps keyed by modality name."""
-    flat = torch.cat([torch.stack([scalars[k].detach().float().reshape(()) for k in scalars])]
-                     + [per_mod[k].detach().float().reshape(-1) for k in per_mod])
+    device = next(iter(scalars.values())).device  # host-side values (weights, state) are copied there
+    flat = torch.cat([torch.stack([scalars[k].detach().float().reshape(()).to(device) for k in scalars])]
+                     + [per_mod[k].detach().float().reshape(-1).to(device) for k in per_mod])
 
     def name(vals: list[float]) -> Stats:
         stats: Stats = {k: vals[i] for i, k in enumerate(scalars)}
