@@ -6,15 +6,21 @@ host (``item()``, ``bool()``, ``nonzero``, indexing by a boolean mask, a copy to
 there. A step whose model and batch live on ``meta``, with the availability mask on the host
 where the trainer keeps it, therefore runs through its forward, backward and optimizer step only
 if nothing in it waits for the device; on a GPU each such wait drains the queue of kernels.
-The logged values stay on the device until ``ObjectiveOutput.host_values`` reads them.
+Host->device copies of masks, indices and weights must not block either (a blocking copy to a
+GPU waits for every queued kernel): the step runs under a dispatch mode that records every
+copy from the CPU to ``meta`` made without ``non_blocking``. The logged values stay on the
+device until ``ObjectiveOutput.host_values`` reads them.
 
 Not covered: the comparison objectives OGM-GE and PMR, which decide their per-step weights (and
 OGM-GE its gradient noise) on the host from per-step statistics: more device->host copies per step.
 """
 from __future__ import annotations
 
+import traceback
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from passion.config import ObjectiveConfig
 from passion.method import build_objective
@@ -23,6 +29,26 @@ from passion.models import build_model, list_models
 
 M, C, SIZE = 4, 4, 32
 MASK = torch.tensor([[True, True, False, True], [False, True, True, True]])
+
+
+class BlockingCopies(TorchDispatchMode):
+    """Records where the code copies a host tensor to the device without ``non_blocking``."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        src = args[0] if func is torch.ops.aten._to_copy.default else args[1] if func is torch.ops.aten.copy_.default \
+            else None
+        dst_device = kwargs.get("device") if func is torch.ops.aten._to_copy.default else \
+            (args[0].device if src is not None else None)
+        if src is not None and dst_device is not None and src.device.type == "cpu" \
+                and torch.device(dst_device).type == "meta" and not kwargs.get("non_blocking", False):
+            ours = [f for f in traceback.extract_stack() if "/passion/" in f.filename]
+            self.sites.append(f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "outside passion")
+        return func(*args, **kwargs)
 
 
 def meta_step(model_name: str, objective: str, checkpointing: str = "off") -> tuple[ObjectiveOutput, torch.nn.Module]:
@@ -36,9 +62,11 @@ def meta_step(model_name: str, objective: str, checkpointing: str = "off") -> tu
              "target": torch.empty(2, SIZE, SIZE, SIZE, dtype=torch.long, device="meta"),
              "mask": MASK.clone()}  # the host, as Trainer._to_device leaves it
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4, amsgrad=True)
-    out = obj(model, batch, 0)
-    out.loss.backward()
-    opt.step()
+    with BlockingCopies() as copies:
+        out = obj(model, batch, 0)
+        out.loss.backward()
+        opt.step()
+    assert not copies.sites, f"blocking host->device copies at {copies.sites}"
     return out, model
 
 

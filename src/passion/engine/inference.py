@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..models.interface import to_device
 from ..utils import PassionError
 from .runtime import (PRECISIONS, autocast, configure_host, resolve_device,  # noqa: F401  (re-exported)
                       warn_if_slow_precision)
@@ -85,7 +86,7 @@ class SubsetPredictor:
             singles = single.nonzero().squeeze(1)
             for start in range(0, singles.numel(), step):
                 idx = singles[start:start + step]
-                mods = self.subsets[idx].float().argmax(dim=1).to(dev)
+                mods = to_device(self.subsets[idx].float().argmax(dim=1), dev)
                 k = idx.numel()
                 b_idx = torch.arange(b, device=dev).repeat_interleave(k)  # b0s0, b0s1, ...
                 logits = self.model.fuse_single(feats, b_idx, mods.repeat(b)).logits
@@ -95,13 +96,13 @@ class SubsetPredictor:
                 idx = multi[start:start + step]
                 k = idx.numel()
                 f = feats.repeat_each(k) if k > 1 else feats
-                mask = self.subsets[idx].to(dev).repeat(b, 1)  # order matches repeat_each: b0s0, b0s1, ...
+                mask = self.subsets[idx].repeat(b, 1)  # on the host; order matches repeat_each: b0s0, b0s1, ...
                 logits = self.model.fuse(f, mask).logits
                 parts.append((idx, self._probs(logits, b, k)))
                 del f, logits
         probs = parts[0][1].new_empty((b, s) + parts[0][1].shape[2:])
         for idx, p in parts:
-            probs[:, idx.to(dev)] = p
+            probs[:, to_device(idx, dev)] = p
         return probs.reshape(b, s * probs.shape[2], *probs.shape[3:])
 
     @staticmethod

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..models.interface import to_device
 from ..utils import PassionError
 
 AllReduce = Callable[[Tensor], Tensor]
@@ -112,8 +113,8 @@ class PreferenceState:
         the step's device until the epoch ends or a checkpoint reads them, so a step never waits
         for the device here."""
         self.device = dist_sum.device
-        self.dist_sum = self.dist_sum.to(self.device) + dist_sum.detach().double()
-        self.count = self.count.to(self.device) + count.detach().double()
+        self.dist_sum = to_device(self.dist_sum, self.device) + dist_sum.detach().double()
+        self.count = to_device(self.count, self.device) + count.detach().double()
 
     def end_epoch(self, epoch: int, all_reduce: AllReduce = identity_all_reduce,
                   update: bool = True) -> dict[str, list[float] | float]:

@@ -52,11 +52,20 @@ def host_mask(mask: Tensor) -> Tensor:
     return mask.detach().to(device="cpu", dtype=torch.bool)
 
 
+def to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """A small host tensor (mask, indices, weights) on `device` without waiting for the device.
+
+    A blocking host->GPU copy waits for every kernel queued before it; ``non_blocking`` from
+    ordinary (pageable) host memory stages the bytes and returns, so the copy simply joins the
+    queue. On the host, or already on `device`, nothing is copied."""
+    return t.to(device=device, dtype=dtype, non_blocking=True)
+
+
 def modality_samples(mask: Tensor, device: torch.device) -> list[Tensor | None]:
     """Per modality m of mask [B, M]: None when every sample has it, else the indices of the
     samples that do, on `device` (empty when none), read from the host copy of the mask."""
     host = host_mask(mask)
-    return [None if bool(sel.all()) else sel.nonzero().squeeze(1).to(device)
+    return [None if bool(sel.all()) else to_device(sel.nonzero().squeeze(1), device)
             for sel in host.unbind(dim=1)]
 
 
@@ -94,7 +103,7 @@ class Features:
             if torch.equal(b_old, b_host) and torch.equal(m_old, m_host):
                 return b, m
         device = self.scales[0].device
-        b, m = b_host.to(device), m_host.to(device)
+        b, m = to_device(b_host, device), to_device(m_host, device)
         self._pair_index.append((b, m, b_host, m_host))
         return b, m
 
@@ -254,4 +263,4 @@ class Backbone(nn.Module, abc.ABC):
     def zero_unavailable(x: Tensor, mask: Tensor) -> Tensor:
         """Zero modality channels of x ([B, M, ...]) where mask ([B, M]) is False."""
         shape = mask.shape + (1,) * (x.dim() - 2)
-        return x * mask.reshape(shape).to(device=x.device, dtype=x.dtype)
+        return x * to_device(mask.reshape(shape), x.device, x.dtype)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from . import register_model
 from .blocks import ConvNormAct, conv_cls, kaiming_init, postnorm_block
-from .interface import Backbone, Features, FusedOutput, decode_available
+from .interface import Backbone, Features, FusedOutput, decode_available, to_device
 from .mmformer import (NUM_SCALES, POSTNORM, EncoderStage, ModalityEncoder, SeparateDecoder, check_config,
                        check_input, run_per_modality)
 from .rows import Rows
@@ -300,7 +300,7 @@ class M2FTrans(Backbone):
         return same[None] | (is_fusion[None] & avail[:, None, :])
 
     def fuse(self, features: Features, mask: Tensor) -> FusedOutput:
-        mask = mask.to(dtype=torch.bool, device=features.scales[0].device)
+        mask = to_device(mask, features.scales[0].device, torch.bool)
         scales = [self.zero_unavailable(s, mask) for s in features.scales]
         mod_out, fusion, weights = self._fusion_transformer(scales[-1], mask, [t.shape[3:] for t in scales])
         weighted = [feat * w.to(feat.dtype) for feat, w in zip(scales[:-1] + [mod_out], weights)]
@@ -321,12 +321,12 @@ class M2FTrans(Backbone):
     def _fuse_rows(self, features: Features, mask: Tensor | None, b_idx: Tensor, m_idx: Tensor) -> FusedOutput:
         """Rows of ``fuse`` under `mask` (none if None), then rows of ``fuse_single``'s pairs."""
         device = features.scales[0].device
-        b_idx, m_idx = b_idx.to(device), m_idx.to(device)
+        b_idx, m_idx = to_device(b_idx, device), to_device(m_idx, device)
         onehot = nn.functional.one_hot(m_idx, self.num_modalities).bool()
         scales = [s.index_select(0, b_idx) for s in features.scales[3:]]
         masks = onehot
         if mask is not None:
-            mask = mask.to(dtype=torch.bool, device=device)
+            mask = to_device(mask, device, torch.bool)
             full = [self.zero_unavailable(s, mask) for s in features.scales]
             masks = torch.cat((mask, onehot))
             scales = [torch.cat((f, s)) for f, s in zip(full[3:], scales)]

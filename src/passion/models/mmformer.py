@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from . import register_model
 from .blocks import (ConcatConvNormAct, ConcatInputs, UpsampleConvNormAct, UpsampleInput, conv_cls, kaiming_init,
                      norm_act, norm_cls, pointwise_conv_one_modality, postnorm_block)
-from .interface import Backbone, Features, FusedOutput, decode_available, modality_samples
+from .interface import Backbone, Features, FusedOutput, decode_available, modality_samples, to_device
 from .rows import Rows
 from .transformer import (PositionEmbedding, Transformer, TransformerBlock, grid_to_tokens, token_grid,
                           tokens_to_grid)
@@ -353,7 +353,7 @@ class MMFormer(Backbone):
         modality-major sequence (not the M tokens of location n). "reference" reproduces that
         exactly (default, for faithful reproduction); "spatial" stacks the M tokens of each location.
         """
-        mask = mask.to(dtype=torch.bool, device=features.scales[0].device)
+        mask = to_device(mask, features.scales[0].device, torch.bool)
         skips = [self.zero_unavailable(s, mask) for s in features.scales[:NUM_SCALES - 1]]
         intra = self.zero_unavailable(features.extra["intra"], mask)  # [B, M, E, *grid]
         return self.decoder_fuse(skips, self._inter_modal(intra))
@@ -364,7 +364,7 @@ class MMFormer(Backbone):
         zero in the fusion blocks' pre-norm, so they are never built; the transformer still sees
         all M*N tokens (absent ones zero), exactly as in ``fuse``."""
         device = features.scales[0].device
-        b_idx, m_idx = b_idx.to(device), m_idx.to(device)
+        b_idx, m_idx = to_device(b_idx, device), to_device(m_idx, device)
         skips = [Rows(single=one, present=m_idx) for one in features.pair_scales(b_idx, m_idx)[:NUM_SCALES - 1]]
         return self.decoder_fuse(skips, self._inter_modal(self._one_hot_intra(features, b_idx, m_idx)))
 
@@ -372,8 +372,8 @@ class MMFormer(Backbone):
                                  m_idx: Tensor) -> tuple[FusedOutput, FusedOutput]:
         """``fuse`` and ``fuse_single`` as ONE transformer and decoder pass over B + P rows."""
         device = features.scales[0].device
-        mask = mask.to(dtype=torch.bool, device=device)
-        b_idx, m_idx = b_idx.to(device), m_idx.to(device)
+        mask = to_device(mask, device, torch.bool)
+        b_idx, m_idx = to_device(b_idx, device), to_device(m_idx, device)
         skips = [Rows(self.zero_unavailable(s, mask), one, m_idx)
                  for s, one in zip(features.scales[:NUM_SCALES - 1], features.pair_scales(b_idx, m_idx))]
         intra = torch.cat((self.zero_unavailable(features.extra["intra"], mask),

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from . import register_model
 from .blocks import ConcatConvNormAct, ConvNormAct, UpsampleConvNormAct, conv_cls, kaiming_init, postnorm_block
-from .interface import Backbone, Features, FusedOutput, decode_available, modality_samples
+from .interface import Backbone, Features, FusedOutput, decode_available, modality_samples, to_device
 from .rfnet_fusion import RegionAwareFusion, RegionPriorGenerator
 from .rows import Rows
 
@@ -246,7 +246,7 @@ class RFNet(Backbone):
         return Features(scales)
 
     def fuse(self, features: Features, mask: Tensor) -> FusedOutput:
-        mask = self._check_mask(mask, features.batch_size).to(features.scales[0].device)
+        mask = to_device(self._check_mask(mask, features.batch_size), features.scales[0].device)
         feats = [self.zero_unavailable(f, mask) for f in features.scales]
         return self.decoder_fuse(feats)
 
@@ -254,15 +254,15 @@ class RFNet(Backbone):
         """One-hot fusion without the M-1 zero modalities: equal to ``fuse`` with one-hot masks
         (up to float rounding) but the zero-filled [P, M, ...] features are never built."""
         device = features.scales[0].device
-        b_idx, m_idx = b_idx.to(device), m_idx.to(device)
+        b_idx, m_idx = to_device(b_idx, device), to_device(m_idx, device)
         return self.decoder_fuse([Rows(single=one, present=m_idx) for one in features.pair_scales(b_idx, m_idx)])
 
     def fuse_teacher_and_singles(self, features: Features, mask: Tensor, b_idx: Tensor,
                                  m_idx: Tensor) -> tuple[FusedOutput, FusedOutput]:
         """``fuse`` and ``fuse_single`` as ONE decoder pass over B + P rows (same values)."""
         device = features.scales[0].device
-        mask = self._check_mask(mask, features.batch_size).to(device)
-        b_idx, m_idx = b_idx.to(device), m_idx.to(device)
+        mask = to_device(self._check_mask(mask, features.batch_size), device)
+        b_idx, m_idx = to_device(b_idx, device), to_device(m_idx, device)
         rows = [Rows(self.zero_unavailable(f, mask), one, m_idx)
                 for f, one in zip(features.scales, features.pair_scales(b_idx, m_idx))]
         return self.decoder_fuse(rows).split(features.batch_size)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ...config import ConfigError
+from ...models.interface import to_device
 from .base import ObjectiveOutput, Objective, Options, StatInfo, Stats, register_objective
 from .terms import SEG_STATS, SegTerms, modality_sums, seg_terms, stats_of
 
@@ -66,7 +67,7 @@ class WeightedSepObjective(Objective):
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], epoch: int) -> ObjectiveOutput:
         terms = seg_terms(self, model, batch, epoch)
-        lam = self.sep_weights(terms, epoch).to(terms.sep_bm.device, torch.float32)
+        lam = to_device(self.sep_weights(terms, epoch), terms.sep_bm.device, torch.float32)
         sep_m = terms.sep_m
         loss = terms.l_fuse + terms.l_aux + (lam * sep_m).sum()
         scalars = {"loss": loss, "fuse": terms.l_fuse, "aux": terms.l_aux}
@@ -111,8 +112,8 @@ class DWAObjective(WeightedSepObjective):
         # rank-local sums; all-reduced once at the end of the epoch (exact: sums of sums)
         self._device = terms.sep_bm.device
         # kept on the device until the epoch ends: no wait for it here
-        self.loss_sum = self.loss_sum.to(self._device) + (terms.sep_bm.detach().double() * terms.a.double()).sum(dim=0)
-        self.count = self.count.to(self._device) + terms.a.double().sum(dim=0)
+        self.loss_sum = to_device(self.loss_sum, self._device) + (terms.sep_bm.detach().double() * terms.a.double()).sum(dim=0)
+        self.count = to_device(self.count, self._device) + terms.a.double().sum(dim=0)
         return self.lam
 
     @staticmethod
@@ -192,7 +193,7 @@ class UncertaintyObjective(WeightedSepObjective):
         return torch.exp(-self.log_var().clamp(lo, hi))
 
     def sep_weights(self, terms: SegTerms, epoch: int) -> Tensor:
-        self.ema = self.ema.to(terms.sep_bm.device)  # the EMA lives on the step's device: no wait for it
+        self.ema = to_device(self.ema, terms.sep_bm.device)  # the EMA lives on the step's device: no wait for it
         lam = self.current_weights()
         s, n = modality_sums(terms.sep_bm, terms.a, self.all_reduce)
         seen = n > 0

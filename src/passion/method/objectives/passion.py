@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ...config import ObjectiveConfig
-from ...models.interface import FusedOutput
+from ...models.interface import FusedOutput, to_device
 from .. import losses as L
 from ..preference import PreferenceState, preference_gate, relative_preference_sums
 from .base import (TRAINING_CURVES, FigureInfo, ObjectiveOutput, Objective, Options, PendingStats, StatInfo, Stats,
@@ -84,8 +84,8 @@ class PassionObjective(Objective):
         b_idx, m_idx = available_pairs(features, a)
         shape = tuple(a.shape)
         dev = image.device
-        beta = self.state.beta.to(dev)
-        w = self.weights.to(dev)
+        beta = to_device(self.state.beta, dev)
+        w = to_device(self.weights, dev)
         if self.in_warmup(epoch):
             return self._warmup_step(model, features, target, a, b_idx, m_idx, beta, w)
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ...models.interface import Features, FusedOutput, pair_rows
+from ...models.interface import Features, FusedOutput, pair_rows, to_device
 from ...utils import PassionError
 from .. import losses as L
 from ..preference import AllReduce
@@ -91,7 +91,7 @@ def encode(model: nn.Module, batch: dict[str, Tensor], setting: str):
 
 def on_device(a: Tensor, like: Tensor) -> Tensor:
     """The availability a [B, M] as floats on `like`'s device, for the objectives' arithmetic."""
-    return a.to(device=like.device, dtype=torch.float32)
+    return to_device(a, like.device, torch.float32)
 
 
 def sep_losses(model: nn.Module, features: Features, a: Tensor, y: Tensor,
@@ -174,8 +174,8 @@ def stats_of(scalars: dict[str, Tensor], per_mod: dict[str, Tensor], names: list
     """All logged values in one device tensor, read with one device->host copy when the trainer
     asks (base.PendingStats); per-modality maps keyed by modality name."""
     device = next(iter(scalars.values())).device  # host-side values (weights, state) are copied there
-    flat = torch.cat([torch.stack([scalars[k].detach().float().reshape(()).to(device) for k in scalars])]
-                     + [per_mod[k].detach().float().reshape(-1).to(device) for k in per_mod])
+    flat = torch.cat([torch.stack([to_device(scalars[k].detach().float().reshape(()), device) for k in scalars])]
+                     + [to_device(per_mod[k].detach().float().reshape(-1), device) for k in per_mod])
 
     def name(vals: list[float]) -> Stats:
         stats: Stats = {k: vals[i] for i, k in enumerate(scalars)}
