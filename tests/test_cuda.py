@@ -125,3 +125,36 @@ def test_cuda_train_evaluate_predict(name, tiny_data, synth_raw_dir, tmp_path):
     reference = nib.load(str(next(case.glob("*flair.nii*"))))
     assert label.shape == reference.shape
     assert (label.affine == reference.affine).all()
+
+
+@pytest.mark.parametrize("objective", ["baseline", "passion"])
+@pytest.mark.parametrize("name", BACKBONES)
+def test_cuda_training_step_never_synchronises(name, objective):
+    """The GPU twin of test_no_device_wait.py: with the mask on the host (as the trainer keeps it),
+    a step's forward, backward and optimizer step make no synchronising CUDA call; reading the
+    logged values (ObjectiveOutput.host_values) is the step's one."""
+    spec = get_spec("brats2020")
+    model = build_model(name, num_modalities=4, num_classes=spec.num_classes, base_width=4,
+                        patch_size=(SIZE,) * 3).to("cuda").train()
+    batch = {k: (v if k == "mask" else v.to("cuda")) for k, v in _batch("cpu").items()}
+    obj = build_objective(objective, ObjectiveConfig(name=objective), num_modalities=4,
+                          modality_names=list(spec.modalities), availability_counts=[10, 6, 8, 9],
+                          iters_per_epoch=5, setting="idt")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4, amsgrad=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = obj(model, batch, 0)
+        out.loss.backward()
+        opt.step()
+        return out
+
+    step().host_values()  # warm-up: cuDNN's algorithm search and the allocator's first blocks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    loss, stats = out.host_values()
+    assert math.isfinite(loss) and stats["loss"] == pytest.approx(loss)
