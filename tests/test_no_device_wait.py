@@ -11,8 +11,6 @@ GPU waits for every queued kernel): the step runs under a dispatch mode that rec
 copy from the CPU to ``meta`` made without ``non_blocking``. The logged values stay on the
 device until ``ObjectiveOutput.host_values`` reads them.
 
-Not covered: the comparison objectives OGM-GE and PMR, which decide their per-step weights (and
-OGM-GE its gradient noise) on the host from per-step statistics: more device->host copies per step.
 """
 from __future__ import annotations
 
@@ -65,12 +63,13 @@ def meta_step(model_name: str, objective: str, checkpointing: str = "off") -> tu
     with BlockingCopies() as copies:
         out = obj(model, batch, 0)
         out.loss.backward()
+        out.add_stats(obj.after_backward(model, 0))  # OGM-GE's gradient modulation
         opt.step()
     assert not copies.sites, f"blocking host->device copies at {copies.sites}"
     return out, model
 
 
-@pytest.mark.parametrize("objective", ["baseline", "passion", "dwa", "uncertainty"])
+@pytest.mark.parametrize("objective", ["baseline", "passion", "dwa", "uncertainty", "ogm_ge", "pmr"])
 @pytest.mark.parametrize("model_name", list_models())
 def test_a_training_step_runs_without_reading_the_device(model_name, objective):
     out, model = meta_step(model_name, objective)
@@ -100,8 +99,13 @@ def test_pairs_are_read_from_the_host_mask_and_shared_on_the_device():
 
 
 def test_host_values_reads_the_loss_and_the_stats_once():
-    loss = torch.tensor(1.5)
-    out = ObjectiveOutput(loss, PendingStats(torch.tensor([2.0, 3.0]), lambda v: {"a": v[0], "b": v[1]}))
+    values = torch.tensor([2.0, 3.0])
+    out = ObjectiveOutput(torch.tensor(1.5), PendingStats(values, lambda v: {"a": v[0], "b": v[1]}))
     assert out.host_values() == (1.5, {"a": 2.0, "b": 3.0})
-    assert out.stats == {"a": 2.0, "b": 3.0} and not isinstance(out.pending_stats, PendingStats)
+    values.fill_(9.0)  # read already: the step's values are not read again
+    assert out.stats == {"a": 2.0, "b": 3.0}
+    out.add_stats(PendingStats(torch.tensor([4.0]), lambda v: {"hook": v[0]}))  # after_backward's
+    out.add_stats({"host": 5.0})
+    out.add_stats(None)
+    assert out.host_values() == (1.5, {"a": 9.0, "b": 9.0, "hook": 4.0, "host": 5.0})
     assert ObjectiveOutput(torch.tensor(0.25), {"x": 1.0}).host_values() == (0.25, {"x": 1.0})

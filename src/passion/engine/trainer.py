@@ -308,14 +308,14 @@ class Trainer:
         with autocast(self.device, t.precision):
             out = self.step_module(batch, epoch)
         self.scaler.scale(out.loss).backward()
-        # the step's one device->host copy (loss and logged stats), after backward was queued and
-        # before the weights change
+        self.scaler.unscale_(self.optimizer)  # the hook and clipping see true gradients (no-op unless fp16)
+        out.add_stats(self.objective.after_backward(self.model, epoch))  # e.g. OGM-GE's modulation
+        # the step's one device->host copy (loss and logged stats), once backward and the hook are
+        # queued and before the weights change
         loss_value, stats = out.host_values()
         if not math.isfinite(loss_value):
             raise PassionError(f"loss became {loss_value} at epoch {epoch} iteration {self.state.iteration}; "
                                f"try train.precision=fp32 or a lower train.lr")
-        self.scaler.unscale_(self.optimizer)  # the hook and clipping see true gradients (no-op unless fp16)
-        stats = {**stats, **(self.objective.after_backward(self.model, epoch) or {})}  # e.g. OGM-GE's modulation
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.scaler.step(self.optimizer)

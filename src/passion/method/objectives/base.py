@@ -50,21 +50,37 @@ class ObjectiveOutput:
 
     loss: Tensor
     pending_stats: Stats | PendingStats = field(default_factory=dict)
-    _loss_value: float | None = field(default=None, init=False, repr=False)
+    _more: list = field(default_factory=list, init=False, repr=False)
+    _read: tuple[float, Stats] | None = field(default=None, init=False, repr=False)
 
     @property
     def stats(self) -> Stats:
         return self.host_values()[1]
 
+    def add_stats(self, more: Stats | PendingStats | None) -> None:
+        """Stats of a later hook of the same step (``Objective.after_backward``), read with these."""
+        if more:
+            self._more.append(more)
+            self._read = None
+
     def host_values(self) -> tuple[float, Stats]:
-        """(the loss as a float, the stats): one device->host copy for both."""
-        if isinstance(self.pending_stats, PendingStats):
-            flat = torch.cat([self.loss.detach().float().reshape(1),
-                              self.pending_stats.values.detach().float().reshape(-1)]).cpu().tolist()
-            self._loss_value, self.pending_stats = flat[0], self.pending_stats.name(flat[1:])
-        elif self._loss_value is None:
-            self._loss_value = float(self.loss.detach())
-        return self._loss_value, self.pending_stats
+        """(the loss as a float, the stats): one device->host copy for the loss and every pending value."""
+        if self._read is None:
+            parts = [self.pending_stats, *self._more]
+            pending = [p for p in parts if isinstance(p, PendingStats)]
+            flat = torch.cat([self.loss.detach().float().reshape(1)]
+                             + [p.values.detach().float().reshape(-1).to(self.loss.device) for p in pending])
+            values = flat.cpu().tolist()
+            stats: Stats = {}
+            pos = 1
+            for p in parts:
+                if isinstance(p, PendingStats):
+                    n = p.values.numel()
+                    p = p.name(values[pos:pos + n])
+                    pos += n
+                stats.update(p)
+            self._read = (values[0], stats)
+        return self._read
 
 
 # ---------------------------------------------------------------- how stats are shown
@@ -225,9 +241,10 @@ class Objective(abc.ABC):
     @abc.abstractmethod
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], epoch: int) -> ObjectiveOutput: ...
 
-    def after_backward(self, model: nn.Module, epoch: int) -> Stats | None:
+    def after_backward(self, model: nn.Module, epoch: int) -> Stats | PendingStats | None:
         """Hook between backward and the optimiser step, on unscaled gradients (gradient-modulating
-        objectives such as OGM-GE); returns extra stats for the step or None. No-op by default."""
+        objectives such as OGM-GE); returns extra stats for the step (read with the step's own,
+        ``ObjectiveOutput.add_stats``) or None. No-op by default."""
         return None
 
     def start_epoch(self, epoch: int) -> None:

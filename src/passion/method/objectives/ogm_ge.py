@@ -39,8 +39,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ...models.interface import to_device
 from ...utils import PassionError
-from .base import ModulationWindow, ObjectiveOutput, Objective, StatInfo, Stats, register_objective
+from .base import ModulationWindow, ObjectiveOutput, Objective, PendingStats, StatInfo, register_objective
 from .terms import (SEG_STATS, class_balanced_true_prob, modality_sums, ratio_to_others, scatter_pairs, seg_terms,
                     stats_of)
 
@@ -88,19 +89,20 @@ class OGMGEObjective(Objective):
 
         conf = class_balanced_true_prob(terms.probs, terms.y_pairs)
         conf_bm = scatter_pairs(conf, terms.b_idx, terms.m_idx, tuple(terms.a.shape))
-        s, n = (t.cpu() for t in modality_sums(conf_bm, terms.a, self.all_reduce))  # decided on the host
+        s, n = modality_sums(conf_bm, terms.a, self.all_reduce)
         seen = n > 0
         score = torch.where(seen, s / n.clamp_min(1.0), torch.zeros_like(s))
         ratio = ratio_to_others(score, seen)
         self._active = self.options.modulating(epoch)
-        self.coeff = ogm_coefficients(ratio, self.options.alpha) if self._active else torch.ones(self.num_modalities)
+        self.coeff = ogm_coefficients(ratio, self.options.alpha) if self._active \
+            else torch.ones(self.num_modalities, device=ratio.device)
 
         scalars = {"loss": loss, "fuse": terms.l_fuse, "aux": terms.l_aux}
         per_mod = {"sep": sep_m, "confidence": score.float(), "ratio": ratio.float(), "ogm_coeff": self.coeff}
         return ObjectiveOutput(loss, stats_of(scalars, per_mod, self.modality_names))
 
     @torch.no_grad()
-    def after_backward(self, model: nn.Module, epoch: int) -> Stats | None:
+    def after_backward(self, model: nn.Module, epoch: int) -> PendingStats | None:
         """Scale modality m's encoder gradients by k_m, then add GE noise (trainer hook, grads unscaled)."""
         if not self._active:
             return None
@@ -110,23 +112,24 @@ class OGMGEObjective(Objective):
         gen = torch.Generator(device="cpu")
         gen.manual_seed(self.options.noise_seed * NOISE_STREAM + self.steps)
         self.steps += 1
-        noise_std = []
+        noise_std = []  # per modality: the mean std of its noised gradients, on the device
         for m in range(self.num_modalities):
-            k = float(self.coeff[m])
+            k = self.coeff[m]  # stays on the device: no wait for it
             stds = []
             for p in model.modality_parameters(m):
                 g = p.grad
                 if g is None or g.dim() < 2:
                     continue
-                if k != 1.0:
-                    g.mul_(k)
+                g.mul_(k.to(g.dtype))
                 if self.options.ge and g.numel() > 1:
-                    std = float(g.float().std()) + 1e-8
-                    noise = torch.randn(g.shape, generator=gen, dtype=torch.float32) * std
-                    g.add_(noise.to(device=g.device, dtype=g.dtype))
+                    std = g.float().std() + 1e-8
+                    noise = torch.randn(g.shape, generator=gen, dtype=torch.float32)  # the host stream: same on every device
+                    g.add_((to_device(noise, g.device) * std).to(g.dtype))
                     stds.append(std)
-            noise_std.append(sum(stds) / len(stds) if stds else 0.0)
-        return {"ge_noise_std": self.per_modality(noise_std)} if self.options.ge else None
+            noise_std.append(torch.stack(stds).mean() if stds else torch.zeros((), device=k.device))
+        if not self.options.ge:
+            return None
+        return PendingStats(torch.stack(noise_std), lambda v: {"ge_noise_std": self.per_modality(v)})
 
     def state_dict(self) -> dict:
         return {"steps": int(self.steps)}

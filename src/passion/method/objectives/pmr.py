@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...config import ConfigError
+from ...models.interface import to_device
 from .. import losses as L
 from .base import ModulationWindow, ObjectiveOutput, Objective, StatInfo, register_objective
 from .terms import (SEG_STATS, SegTerms, class_balanced_true_prob, modality_sums, ratio_to_others, scatter_pairs,
@@ -113,7 +114,7 @@ class PMRObjective(Objective):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.protos: Tensor | None = None  # [M, C, F] float32 on CPU
+        self.protos: Tensor | None = None  # [M, C, F] float32, on the training device
         self.seen: Tensor | None = None  # [M, C] bool
 
     def _features(self, terms: SegTerms) -> tuple[Tensor, Tensor]:
@@ -134,7 +135,7 @@ class PMRObjective(Objective):
         sums = sums_p.new_zeros(m, c, nf).index_add_(0, m_idx, sums_p)
         counts = counts_p.new_zeros(m, c).index_add_(0, m_idx, counts_p)
         both = self.all_reduce(torch.cat([sums.flatten(), counts.flatten()]).double())
-        return both[: m * c * nf].reshape(m, c, nf).float().cpu(), both[m * c * nf:].reshape(m, c).float().cpu()
+        return both[: m * c * nf].reshape(m, c, nf).float(), both[m * c * nf:].reshape(m, c).float()
 
     def __call__(self, model: nn.Module, batch: dict[str, Tensor], epoch: int) -> ObjectiveOutput:
         terms = seg_terms(self, model, batch, epoch)
@@ -145,34 +146,35 @@ class PMRObjective(Objective):
         batch_means = sums / counts.clamp_min(1.0)[:, :, None]
         if self.protos is None or self.protos.shape != batch_means.shape:
             self.protos = torch.zeros_like(batch_means)
-            self.seen = torch.zeros(has.shape, dtype=torch.bool)
+            self.seen = torch.zeros_like(has)
+        # the prototypes live on the step's device: a step never waits to read them
+        self.protos, self.seen = to_device(self.protos, batch_means.device), to_device(self.seen, has.device)
         first = has & ~self.seen
         self.protos = torch.where(first[:, :, None], batch_means, self.protos)
         self.seen = self.seen | has
         protos_used = self.protos.clone()
 
         dev = f.device
-        pair_protos = protos_used.to(dev)[terms.m_idx]  # [P, C, F]
-        valid = self.seen.to(dev)[terms.m_idx]
+        pair_protos = protos_used.index_select(0, terms.m_idx)  # [P, C, F]
+        valid = self.seen.index_select(0, terms.m_idx)
         logits = prototype_logits(f, pair_protos, valid)
         ce = class_balanced_ce(logits, y)  # [P]
         score = class_balanced_true_prob(torch.softmax(logits.detach(), dim=1), y)
         shape = tuple(terms.a.shape)
         ce_m = scatter_pairs(ce, terms.b_idx, terms.m_idx, shape).sum(dim=0) / shape[0]
-        s, n = (t.cpu() for t in modality_sums(scatter_pairs(score, terms.b_idx, terms.m_idx, shape), terms.a,
-                                               self.all_reduce))  # decided on the host
+        s, n = modality_sums(scatter_pairs(score, terms.b_idx, terms.m_idx, shape), terms.a, self.all_reduce)
         seen_m = n > 0
         score_m = torch.where(seen_m, s / n.clamp_min(1.0), torch.zeros_like(s))
         ratio = ratio_to_others(score_m, seen_m)
         weight = pmr_weights(ratio, self.options.alpha, self.options.weighting) if self.options.modulating(epoch) \
-            else torch.zeros(self.num_modalities)
+            else torch.zeros(self.num_modalities, device=dev)
 
         # EMA update after the prototypes of this step were used
         upd = has & ~first
         ema = (1 - self.options.momentum) * self.protos + self.options.momentum * batch_means
         self.protos = torch.where(upd[:, :, None], ema, self.protos)
 
-        l_pce = (weight.to(dev) * ce_m).sum()
+        l_pce = (weight * ce_m).sum()
         loss = terms.l_fuse + terms.l_aux + sep_m.sum() + l_pce
         scalars = {"loss": loss, "fuse": terms.l_fuse, "aux": terms.l_aux, "pce_total": l_pce}
         per_mod = {"sep": sep_m, "pce": ce_m, "proto_score": score_m.float(), "ratio": ratio.float(),
@@ -182,7 +184,7 @@ class PMRObjective(Objective):
     def state_dict(self) -> dict:
         if self.protos is None:
             return {"protos": None, "seen": None}
-        return {"protos": self.protos.clone(), "seen": self.seen.clone()}
+        return {"protos": self.protos.cpu().clone(), "seen": self.seen.cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         protos, seen = state.get("protos"), state.get("seen")

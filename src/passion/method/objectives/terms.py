@@ -200,12 +200,13 @@ def class_balanced_true_prob(probs: Tensor, y: Tensor) -> Tensor:
 
 
 def ratio_to_others(score: Tensor, seen: Tensor) -> Tensor:
-    """rho_m = score_m / mean(score_k, k != m seen); 1 where m is unseen or has no seen partner."""
+    """rho_m = score_m / mean(score_k, k != m seen); 1 where m is unseen or has no seen partner.
+
+    Tensor operations only (no per-modality branch), so it runs on the step's device without
+    reading it."""
     score, seen = score.double(), seen.bool()
-    out = torch.ones_like(score)
-    for m in range(score.numel()):
-        others = seen.clone()
-        others[m] = False
-        if bool(seen[m]) and bool(others.any()):
-            out[m] = score[m] / score[others].mean().clamp_min(1e-12)
-    return out
+    counted = torch.where(seen, score, torch.zeros_like(score))
+    partners = seen.sum() - seen.double()  # seen modalities other than m
+    others_mean = (counted.sum() - counted) / partners.clamp_min(1.0)
+    ratio = score / others_mean.clamp_min(1e-12)
+    return torch.where(seen & (partners > 0), ratio, torch.ones_like(score))
