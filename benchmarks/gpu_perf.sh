@@ -5,8 +5,8 @@
 # missing dependencies may be put in WHEELS (default ./.whl). Steps, each under its own timeout so a
 # slow one cannot starve the rest: the CUDA tests, where a step's time goes (profile_step.py: device
 # busy fraction, kernel launches, top kernels; fp32, bf16, bf16 channels-last), the PASSION/baseline
-# matrix at 80^3 with four modalities, PASSION's checkpointing modes at 128^3, then torch.compile's first
-# and steady steps.
+# matrix at 80^3 with four modalities, PASSION's checkpointing modes at 128^3, the host-side mask against
+# the mask on the GPU, then torch.compile's first and steady steps.
 set -u
 cd "$(dirname "$0")/.."
 source benchmarks/gpu_setup.sh
@@ -29,6 +29,11 @@ for m in rfnet mmformer m2ftrans; do
     > "$OUT/checkpointing_cuda_$m.json" 2> "$OUT/checkpointing_cuda_$m.log")
   tail -1 "$OUT/checkpointing_cuda_$m.log"
 done
+el host_mask
+# a step that never waits for the device (ninth session) against the same step with the mask on the GPU
+(cd benchmarks && for flag in "" --mask-on-device; do timeout "${T_SYNC:-40}" python3 train_step.py --device cuda \
+  --models rfnet mmformer m2ftrans --objectives baseline passion --sizes 80 --precisions fp32 --steps 5 --warmup 2 \
+  $flag > "$OUT/sync_cuda${flag:+_mask_on_device}.json" 2>> "$OUT/sync_cuda.log"; done); tail -2 "$OUT/sync_cuda.log"
 el compile
 (cd benchmarks && timeout "${T_COMPILE:-100}" python3 train_step.py --device cuda --models rfnet --objectives baseline passion \
   --sizes 80 --precisions bf16 --compile --steps 5 --warmup 2 > "$OUT/compile_cuda.json" 2> "$OUT/compile_cuda.log")

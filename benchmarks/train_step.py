@@ -59,8 +59,14 @@ def make_batch(size: int, dims: int, m: int, available: int, dev) -> dict:
 
 def build_step(name: str, objective: str, size: int, precision: str, device: str = "cpu",
                available: int = 4, dataset: str = "brats2020", base_width: int = 8,
-               checkpointing: str = "off", compile: bool = False, channels_last: bool = False):
+               checkpointing: str = "off", compile: bool = False, channels_last: bool = False,
+               mask_on_device: bool = False):
     """A closure running one training step of a freshly built model, and a description of it.
+
+    The step is the trainer's: forward, backward, one read of the loss and logged values, optimizer
+    step. The availability mask stays on the host, as the trainer keeps it; `mask_on_device` puts
+    it on the device instead, which makes every shape decision the models take from it wait for
+    the device (the step as it was before the ninth session, for an A/B on a GPU).
 
     `channels_last`: model weights and images in channels-last memory order (NDHWC / NHWC), the
     layout cuDNN's tensor-core convolution kernels prefer.
@@ -91,21 +97,25 @@ def build_step(name: str, objective: str, size: int, precision: str, device: str
                           iters_per_epoch=219, setting="idt")
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4, amsgrad=True)
     batch = make_batch(size, dims, m, available, dev)
+    if mask_on_device:
+        batch["mask"] = batch["mask"].to(dev)
     if layout is not None:
         batch["image"] = batch["image"].contiguous(memory_format=layout)
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = obj(model, batch, 0).loss
-        loss.backward()
+            out = obj(model, batch, 0)
+        out.loss.backward()
+        out.host_values()
         opt.step()
 
     step.batch = batch  # `--reference` feeds the very same tensors to the paper's code
     info = {"model": name, "objective": objective, "precision": precision, "dataset": dataset, "size": size,
             "spatial_dims": dims, "batch": 1, "base_width": base_width, "available_modalities": available,
             "device": device, "params": sum(p.numel() for p in model.parameters()),
-            "activation_checkpointing": checkpointing, "compile": compile, "channels_last": channels_last}
+            "activation_checkpointing": checkpointing, "compile": compile, "channels_last": channels_last,
+            "mask_on_device": mask_on_device}
     return step, info
 
 
@@ -134,7 +144,8 @@ def worker(name: str, objective: str, size: int, steps: int, warmup: int, precis
 
 def cuda_run(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
              available: int = 4, dataset: str = "brats2020", base_width: int = 8,
-             checkpointing: str = "off", compile: bool = False, channels_last: bool = False) -> dict:
+             checkpointing: str = "off", compile: bool = False, channels_last: bool = False,
+             mask_on_device: bool = False) -> dict:
     """One CUDA configuration in this process: synchronised step times and peak allocated memory."""
     import torch
 
@@ -146,7 +157,7 @@ def cuda_run(name: str, objective: str, size: int, steps: int, warmup: int, prec
     torch.cuda.reset_peak_memory_stats()
     try:
         step, info = build_step(name, objective, size, precision, "cuda", available, dataset, base_width,
-                                checkpointing, compile, channels_last)
+                                checkpointing, compile, channels_last, mask_on_device)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         first, times = timed_steps(step, warmup, steps, torch.cuda.synchronize)
@@ -237,6 +248,9 @@ def main(argv=None) -> int:
     ap.add_argument("--activation-checkpointing", nargs="+", default=["off"], choices=["off", "decoder", "all"],
                     help="train.activation_checkpointing mode(s) to measure")
     ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile the backbone's stages")
+    ap.add_argument("--mask-on-device", action="store_true",
+                    help="--device cuda: the availability mask on the GPU, so the models' shape decisions wait "
+                         "for it (the step before the trainer kept the mask on the host), for an A/B")
     ap.add_argument("--channels-last", action="store_true",
                     help="weights and images in channels-last memory order (NDHWC), for cuDNN's tensor-core kernels")
     ap.add_argument("--reference", metavar="DIR",
@@ -293,7 +307,8 @@ def main(argv=None) -> int:
                     for objective in args.objectives:
                         if args.device == "cuda":
                             res = cuda_run(name, objective, size, args.steps, args.warmup, prec, args.available,
-                                           args.dataset, args.base_width, ckpt, args.compile, args.channels_last)
+                                           args.dataset, args.base_width, ckpt, args.compile, args.channels_last,
+                                           args.mask_on_device)
                         else:
                             res = cpu_run(args, name, objective, size, prec, ckpt)
                         res.update(model=name, objective=objective, precision=prec, activation_checkpointing=ckpt)
