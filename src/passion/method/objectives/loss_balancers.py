@@ -112,7 +112,8 @@ class DWAObjective(WeightedSepObjective):
         # rank-local sums; all-reduced once at the end of the epoch (exact: sums of sums)
         self._device = terms.sep_bm.device
         # kept on the device until the epoch ends: no wait for it here
-        self.loss_sum = to_device(self.loss_sum, self._device) + (terms.sep_bm.detach().double() * terms.a.double()).sum(dim=0)
+        step_sum = (terms.sep_bm.detach().double() * terms.a.double()).sum(dim=0)
+        self.loss_sum = to_device(self.loss_sum, self._device) + step_sum
         self.count = to_device(self.count, self._device) + terms.a.double().sum(dim=0)
         return self.lam
 

@@ -123,7 +123,8 @@ class OGMGEObjective(Objective):
                 g.mul_(k.to(g.dtype))
                 if self.options.ge and g.numel() > 1:
                     std = g.float().std() + 1e-8
-                    noise = torch.randn(g.shape, generator=gen, dtype=torch.float32)  # the host stream: same on every device
+                    # drawn from the host stream: the same noise on every device and DDP rank
+                    noise = torch.randn(g.shape, generator=gen, dtype=torch.float32)
                     g.add_((to_device(noise, g.device) * std).to(g.dtype))
                     stds.append(std)
             noise_std.append(torch.stack(stds).mean() if stds else torch.zeros((), device=k.device))
