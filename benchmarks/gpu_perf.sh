@@ -23,10 +23,14 @@ tail -2 "$OUT/train_step_cuda.log"
 el checkpointing
 # row-at-a-time checkpointing of per-row blocks (eighth session): each mode's peak memory and time at 128^3,
 # one call per backbone so that a slow one leaves the others' JSON
+# and `all` with the per-row blocks over all rows at once (--checkpoint-rows together: fewer, larger kernels)
 for m in rfnet mmformer m2ftrans; do
-  (cd benchmarks && timeout "${T_CKPT:-40}" python3 train_step.py --device cuda --models $m --objectives passion \
+  (cd benchmarks && timeout "${T_CKPT:-35}" python3 train_step.py --device cuda --models $m --objectives passion \
     --sizes 128 --activation-checkpointing off decoder all --steps 3 --warmup 1 --precisions fp32 \
-    > "$OUT/checkpointing_cuda_$m.json" 2> "$OUT/checkpointing_cuda_$m.log")
+    > "$OUT/checkpointing_cuda_$m.json" 2> "$OUT/checkpointing_cuda_$m.log"
+   timeout "${T_CKPT_ROWS:-15}" python3 train_step.py --device cuda --models $m --objectives passion \
+    --sizes 128 --activation-checkpointing all --checkpoint-rows together --steps 3 --warmup 1 --precisions fp32 \
+    > "$OUT/checkpointing_cuda_${m}_together.json" 2>> "$OUT/checkpointing_cuda_$m.log")
   tail -1 "$OUT/checkpointing_cuda_$m.log"
 done
 el host_mask
@@ -35,7 +39,7 @@ el host_mask
   --models rfnet mmformer m2ftrans --objectives baseline passion --sizes 80 --precisions fp32 --steps 5 --warmup 2 \
   $flag > "$OUT/sync_cuda${flag:+_mask_on_device}.json" 2>> "$OUT/sync_cuda.log"; done); tail -2 "$OUT/sync_cuda.log"
 el compile
-(cd benchmarks && timeout "${T_COMPILE:-90}" python3 train_step.py --device cuda --models rfnet --objectives baseline passion \
+(cd benchmarks && timeout "${T_COMPILE:-60}" python3 train_step.py --device cuda --models rfnet --objectives baseline passion \
   --sizes 80 --precisions bf16 --compile --steps 5 --warmup 2 > "$OUT/compile_cuda.json" 2> "$OUT/compile_cuda.log")
 tail -4 "$OUT/compile_cuda.log"
 el done

@@ -60,13 +60,15 @@ def make_batch(size: int, dims: int, m: int, available: int, dev) -> dict:
 def build_step(name: str, objective: str, size: int, precision: str, device: str = "cpu",
                available: int = 4, dataset: str = "brats2020", base_width: int = 8,
                checkpointing: str = "off", compile: bool = False, channels_last: bool = False,
-               mask_on_device: bool = False):
+               mask_on_device: bool = False, checkpoint_rows: str = "each"):
     """A closure running one training step of a freshly built model, and a description of it.
 
     The step is the trainer's: forward, backward, one read of the loss and logged values, optimizer
     step. The availability mask stays on the host, as the trainer keeps it; `mask_on_device` puts
     it on the device instead, which makes every shape decision the models take from it wait for
     the device (the step as it was before the ninth session, for an A/B on a GPU).
+    `checkpoint_rows`: "each" (per-row blocks recomputed one row at a time, the default) or
+    "together" (all rows at once), under checkpointing decoder / all.
 
     `channels_last`: model weights and images in channels-last memory order (NDHWC / NHWC), the
     layout cuDNN's tensor-core convolution kernels prefer.
@@ -86,7 +88,7 @@ def build_step(name: str, objective: str, size: int, precision: str, device: str
     model = build_model(name, num_modalities=m, num_classes=spec.num_classes, base_width=base_width,
                         patch_size=(size,) * dims, spatial_dims=dims).to(dev).train()
     if checkpointing != "off":
-        model.set_activation_checkpointing(checkpointing)
+        model.set_activation_checkpointing(checkpointing, row_at_a_time=checkpoint_rows == "each")
     layout = {3: torch.channels_last_3d, 2: torch.channels_last}[dims] if channels_last else None
     if layout is not None:
         model = model.to(memory_format=layout)
@@ -115,21 +117,22 @@ def build_step(name: str, objective: str, size: int, precision: str, device: str
             "spatial_dims": dims, "batch": 1, "base_width": base_width, "available_modalities": available,
             "device": device, "params": sum(p.numel() for p in model.parameters()),
             "activation_checkpointing": checkpointing, "compile": compile, "channels_last": channels_last,
-            "mask_on_device": mask_on_device}
+            "mask_on_device": mask_on_device, "checkpoint_rows": checkpoint_rows}
     return step, info
 
 
 def worker(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
            threads: int | None, available: int = 4, system_malloc: bool = False,
            dataset: str = "brats2020", base_width: int = 8, checkpointing: str = "off",
-           compile: bool = False, channels_last: bool = False, heap_peak: bool = False) -> dict:
+           compile: bool = False, channels_last: bool = False, heap_peak: bool = False,
+           checkpoint_rows: str = "each") -> dict:
     """One CPU configuration (run in its own process): step times and peak RSS; with `heap_peak`
     also the peak in-use malloc heap, sampled during the steps (which it slows by ~10 %)."""
     import torch
 
     configure(threads, system_malloc)
     step, info = build_step(name, objective, size, precision, "cpu", available, dataset, base_width,
-                            checkpointing, compile, channels_last)
+                            checkpointing, compile, channels_last, checkpoint_rows=checkpoint_rows)
     base = _rss_mb()
     with HeapPeak() if heap_peak else contextlib.nullcontext() as heap:
         first, times = timed_steps(step, warmup, steps)
@@ -145,7 +148,7 @@ def worker(name: str, objective: str, size: int, steps: int, warmup: int, precis
 def cuda_run(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
              available: int = 4, dataset: str = "brats2020", base_width: int = 8,
              checkpointing: str = "off", compile: bool = False, channels_last: bool = False,
-             mask_on_device: bool = False) -> dict:
+             mask_on_device: bool = False, checkpoint_rows: str = "each") -> dict:
     """One CUDA configuration in this process: synchronised step times and peak allocated memory."""
     import torch
 
@@ -157,7 +160,7 @@ def cuda_run(name: str, objective: str, size: int, steps: int, warmup: int, prec
     torch.cuda.reset_peak_memory_stats()
     try:
         step, info = build_step(name, objective, size, precision, "cuda", available, dataset, base_width,
-                                checkpointing, compile, channels_last, mask_on_device)
+                                checkpointing, compile, channels_last, mask_on_device, checkpoint_rows)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         first, times = timed_steps(step, warmup, steps, torch.cuda.synchronize)
@@ -187,7 +190,8 @@ def cpu_run(args, name: str, objective: str, size: int, prec: str, checkpointing
            "--available", str(args.available), "--dataset", args.dataset,
            "--base-width", str(args.base_width), "--activation-checkpointing", checkpointing] + (
                ["--system-malloc"] if args.system_malloc else []) + (["--compile"] if args.compile else []) + (
-               ["--channels-last"] if args.channels_last else []) + (["--heap-peak"] if args.heap_peak else [])
+               ["--channels-last"] if args.channels_last else []) + (["--heap-peak"] if args.heap_peak else []) + [
+               "--checkpoint-rows", args.checkpoint_rows]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         return (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else
@@ -248,6 +252,9 @@ def main(argv=None) -> int:
     ap.add_argument("--activation-checkpointing", nargs="+", default=["off"], choices=["off", "decoder", "all"],
                     help="train.activation_checkpointing mode(s) to measure")
     ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile the backbone's stages")
+    ap.add_argument("--checkpoint-rows", default="each", choices=["each", "together"],
+                    help="with --activation-checkpointing decoder/all: recompute per-row blocks one row at a "
+                         "time (each, the default) or all rows at once (together)")
     ap.add_argument("--mask-on-device", action="store_true",
                     help="--device cuda: the availability mask on the GPU, so the models' shape decisions wait "
                          "for it (the step before the trainer kept the mask on the host), for an A/B")
@@ -279,7 +286,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.models[0], args.objectives[0], sizes[0], args.steps, args.warmup,
                                 args.precisions[0], args.threads, args.available, args.system_malloc,
                                 args.dataset, args.base_width, args.activation_checkpointing[0],
-                                args.compile, args.channels_last, args.heap_peak)))
+                                args.compile, args.channels_last, args.heap_peak, args.checkpoint_rows)))
         return 0
     if args.reference_worker:
         import reference_step
@@ -308,7 +315,7 @@ def main(argv=None) -> int:
                         if args.device == "cuda":
                             res = cuda_run(name, objective, size, args.steps, args.warmup, prec, args.available,
                                            args.dataset, args.base_width, ckpt, args.compile, args.channels_last,
-                                           args.mask_on_device)
+                                           args.mask_on_device, args.checkpoint_rows)
                         else:
                             res = cpu_run(args, name, objective, size, prec, ckpt)
                         res.update(model=name, objective=objective, precision=prec, activation_checkpointing=ckpt)

@@ -213,6 +213,30 @@ def test_per_row_blocks_are_recomputed_one_row_at_a_time(name, monkeypatch):
     assert sum(is_per_row for *_, is_per_row in calls) > len(wrapped)  # several rows were split
 
 
+def test_per_row_blocks_take_all_rows_at_once_when_asked(monkeypatch):
+    """row_at_a_time=False (a benchmark's switch for the memory / kernel-count trade-off on a GPU):
+    per-row blocks see every row in one call, and the step is the same as without checkpointing."""
+    from passion.models import checkpointing
+
+    most_rows: list[int] = []
+
+    def recording(fn, *args, **kwargs):
+        if isinstance(fn.__self__, per_row):
+            most_rows.append(max((a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim()), default=0))
+        return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "checkpoint", recording)
+    model, cfg = tiny("rfnet", "off")
+    per_row = tuple(model.per_row_blocks)
+    loss_off, grads_off = passion_step(model, cfg)
+    model.set_activation_checkpointing("all", row_at_a_time=False)
+    loss, grads = passion_step(model, cfg)
+    assert max(most_rows) > 1
+    torch.testing.assert_close(loss, loss_off, rtol=1e-12, atol=0)
+    for k in grads_off:
+        torch.testing.assert_close(grads[k], grads_off[k], rtol=1e-10, atol=1e-14, msg=k)
+
+
 def test_rows_of_a_call_need_one_shared_leading_size():
     from passion.models.checkpointing import _rows
     from passion.models.rows import Rows

@@ -101,8 +101,12 @@ def outermost_blocks(root: nn.Module, types: tuple[type, ...], skip: set[int] = 
     return found
 
 
-def set_activation_checkpointing(model: nn.Module, mode: str) -> list[nn.Module]:
-    """Checkpoint the blocks that `mode` selects (undoing any earlier mode); returns them."""
+def set_activation_checkpointing(model: nn.Module, mode: str, row_at_a_time: bool = True) -> list[nn.Module]:
+    """Checkpoint the blocks that `mode` selects (undoing any earlier mode); returns them.
+
+    `row_at_a_time=False` checkpoints the per-row blocks over all their rows at once, like the
+    others: more memory, fewer (larger) kernel calls; for measuring that trade-off on a GPU
+    (benchmarks/train_step.py --checkpoint-rows together)."""
     if mode not in ACTIVATION_CHECKPOINTING:
         raise ValueError(f"activation_checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, "
                          f"got {mode!r}")
@@ -117,7 +121,7 @@ def set_activation_checkpointing(model: nn.Module, mode: str) -> list[nn.Module]
                          f"{mode!r} would change nothing")
     skip = set() if mode == "all" else {id(m) for m in model.encoder_modules()}
     blocks = outermost_blocks(model, types, skip)
-    per_row = tuple(getattr(model, "per_row_blocks", ()))
+    per_row = tuple(getattr(model, "per_row_blocks", ())) if row_at_a_time else ()
     for block in blocks:
         _wrap(block, per_row=isinstance(block, per_row))
     model.activation_checkpointing = mode

@@ -242,11 +242,12 @@ class Backbone(nn.Module, abc.ABC):
             raise TypeError(f"{type(self).__name__} has no `encoders`; implement encoder_modules()")
         return [encoders]
 
-    def set_activation_checkpointing(self, mode: str) -> None:
-        """off | decoder | all: recompute the blocks' activations in backward (same values)."""
+    def set_activation_checkpointing(self, mode: str, row_at_a_time: bool = True) -> None:
+        """off | decoder | all: recompute the blocks' activations in backward (same values);
+        per-row blocks one row at a time unless `row_at_a_time` is False (models/checkpointing.py)."""
         from .checkpointing import set_activation_checkpointing
 
-        set_activation_checkpointing(self, mode)
+        set_activation_checkpointing(self, mode, row_at_a_time)
 
     def compile_stages(self, allow_cpu: bool = False, **options) -> list[nn.Module]:
         """torch.compile, in place, the submodules that encode / fuse / decode_single call
