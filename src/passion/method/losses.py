@@ -7,6 +7,7 @@ Targets are integer class maps [B, *spatial]; they are turned into one-hot maps 
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -40,7 +41,7 @@ def weighted_ce(probs: Tensor, y: Tensor) -> Tensor:
     probs = at_least_fp32(probs)
     y = y.to(probs.dtype)
     dims = _spatial_dims(y)
-    n_vox = float(torch.tensor(y.shape[2:]).prod())
+    n_vox = float(math.prod(y.shape[2:]))
     w = 1.0 - y.sum(dim=dims) / n_vox  # [B, C]
     w = w.reshape(w.shape + (1,) * len(dims))
     ce = -(w * y * torch.log(probs.clamp(PROB_CLAMP, 1.0))).sum(dim=1)  # [B, *spatial]
@@ -190,6 +191,6 @@ def proto_distill(student_feat: Tensor, teacher_feat: Tensor, y: Tensor,
     s_teacher = similarity_maps(teacher_feat, prototypes(teacher_feat, y))
     diff = s_student - _rows(s_teacher, rows)  # [P, C, *spatial]
     weight = classes.to(diff.dtype).reshape((1, -1) + (1,) * (diff.dim() - 2))
-    count = classes.sum().clamp_min(1) * diff[0, 0].numel()  # selected classes x voxels
+    count = classes.sum().clamp_min(1) * math.prod(diff.shape[2:])  # selected classes x voxels
     diff = (diff * weight).flatten(1)
     return diff.pow(2).sum(dim=1) / count, diff.abs().sum(dim=1) / count
