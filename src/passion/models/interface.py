@@ -44,11 +44,8 @@ from torch import Tensor, nn
 
 
 def host_mask(mask: Tensor) -> Tensor:
-    """The [B, M] availability mask on the host, as bool. Every choice a mask makes about shapes
-    (which encoders run on which samples, which (sample, modality) pairs exist) is read from
-    this copy, so a training step on a GPU never waits for the device to learn it: the trainer
-    keeps the batch's mask on the host. A mask on the host costs nothing; one on a GPU is
-    copied (and waited for) once per call."""
+    """The [B, M] availability mask on the host, as bool, for the shape decisions (see the module
+    doc). Free for a host mask; a mask on a GPU is copied, and waited for, at every call."""
     return mask.detach().to(device="cpu", dtype=torch.bool)
 
 

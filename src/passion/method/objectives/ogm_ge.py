@@ -114,20 +114,18 @@ class OGMGEObjective(Objective):
         self.steps += 1
         noise_std = []  # per modality: the mean std of its noised gradients, on the device
         for m in range(self.num_modalities):
-            k = self.coeff[m]  # stays on the device: no wait for it
+            grads = [p.grad for p in model.modality_parameters(m) if p.grad is not None and p.grad.dim() >= 2]
+            if grads:
+                torch._foreach_mul_(grads, self.coeff[m])  # one call; k stays on the device (no wait for it)
             stds = []
-            for p in model.modality_parameters(m):
-                g = p.grad
-                if g is None or g.dim() < 2:
-                    continue
-                g.mul_(k.to(g.dtype))
-                if self.options.ge and g.numel() > 1:
+            for g in grads if self.options.ge else []:
+                if g.numel() > 1:
                     std = g.float().std() + 1e-8
                     # drawn from the host stream: the same noise on every device and DDP rank
                     noise = torch.randn(g.shape, generator=gen, dtype=torch.float32)
                     g.add_((to_device(noise, g.device) * std).to(g.dtype))
                     stds.append(std)
-            noise_std.append(torch.stack(stds).mean() if stds else torch.zeros((), device=k.device))
+            noise_std.append(torch.stack(stds).mean() if stds else torch.zeros((), device=self.coeff.device))
         if not self.options.ge:
             return None
         return PendingStats(torch.stack(noise_std), lambda v: {"ge_noise_std": self.per_modality(v)})
