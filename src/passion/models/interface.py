@@ -67,15 +67,28 @@ def modality_samples(mask: Tensor, device: torch.device) -> list[Tensor | None]:
 
 
 @dataclass
+class _PairSet:
+    """One list of (sample, modality) pairs: its indices on the features' device, their host
+    copies, and, once ``Features.pair_scales`` gathered them, the pairs' features."""
+
+    b: Tensor
+    m: Tensor
+    b_host: Tensor
+    m_host: Tensor
+    rows: list[Tensor] | None = None
+
+    def holds(self, b_host: Tensor, m_host: Tensor) -> bool:
+        return (self.b_host.shape == b_host.shape and torch.equal(self.b_host, b_host)
+                and torch.equal(self.m_host, m_host))
+
+
+@dataclass
 class Features:
     """Per-modality encoder features: each tensor is [B, M, ...]."""
 
     scales: list[Tensor]
     extra: dict[str, Tensor] = field(default_factory=dict)
-    _pairs: tuple | None = field(default=None, repr=False, compare=False)
-    # (b_idx, m_idx) on the features' device with their host copies, as made by `pairs`
-    _pair_index: list[tuple[Tensor, Tensor, Tensor, Tensor]] = field(default_factory=list, repr=False,
-                                                                    compare=False)
+    _pair_sets: list[_PairSet] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -95,41 +108,42 @@ class Features:
         device."""
         batch, mods = self.scales[0].shape[:2]
         host = torch.ones(batch, mods, dtype=torch.bool) if mask is None else host_mask(mask)
-        b_host, m_host = host.nonzero(as_tuple=True)
-        for b, m, b_old, m_old in self._pair_index:
-            if torch.equal(b_old, b_host) and torch.equal(m_old, m_host):
-                return b, m
-        device = self.scales[0].device
-        b, m = to_device(b_host, device), to_device(m_host, device)
-        self._pair_index.append((b, m, b_host, m_host))
-        return b, m
+        pair_set = self._pair_set_of_host(*host.nonzero(as_tuple=True))
+        return pair_set.b, pair_set.m
 
-    def _host_copies(self, b_idx: Tensor, m_idx: Tensor) -> tuple[Tensor, Tensor] | None:
-        """The pairs' values on the host without a device sync: host tensors themselves, or the
-        copies ``pairs`` kept; None for device tensors of unknown origin."""
+    def _pair_set_of_host(self, b_host: Tensor, m_host: Tensor) -> _PairSet:
+        for pair_set in self._pair_sets:
+            if pair_set.holds(b_host, m_host):
+                return pair_set
+        device = self.scales[0].device
+        pair_set = _PairSet(to_device(b_host, device), to_device(m_host, device), b_host, m_host)
+        self._pair_sets.append(pair_set)
+        return pair_set
+
+    def _pair_set_of(self, b_idx: Tensor, m_idx: Tensor) -> _PairSet | None:
+        """The pair set of these indices without a device sync: host tensors are looked up by
+        value, device tensors must be the very ones ``pairs`` handed out (None otherwise)."""
         if b_idx.device.type == "cpu" and m_idx.device.type == "cpu":
-            return b_idx, m_idx
-        for b, m, b_host, m_host in self._pair_index:
-            if b is b_idx and m is m_idx:
-                return b_host, m_host
-        return None
+            return self._pair_set_of_host(b_idx, m_idx)
+        return next((s for s in self._pair_sets if s.b is b_idx and s.m is m_idx), None)
 
     def pair_scales(self, b_idx: Tensor, m_idx: Tensor) -> list[Tensor]:
         """``scales[l][b_idx, m_idx]`` ([P, C_l, *S_l]) for every level, gathered once for a list of
         (sample, modality) pairs: PASSION's one-modality fusion rows and the single-modality decoder
-        use the same pairs, and sharing the copies keeps one of them for backward instead of two."""
-        host = self._host_copies(b_idx, m_idx)
-        if self._pairs is not None and host is not None:
-            b_old, m_old, gathered = self._pairs
-            if b_old.shape == host[0].shape and torch.equal(b_old, host[0]) and torch.equal(m_old, host[1]):
-                return gathered
-        if host is not None and self._every_pair_in_order(*host):
-            gathered = [s.flatten(0, 1) for s in self.scales]  # views, no copy
+        use the same pairs, and sharing the copies keeps one of them for backward instead of two.
+        Only the latest gathered set is kept."""
+        pair_set = self._pair_set_of(b_idx, m_idx)
+        if pair_set is not None and pair_set.rows is not None:
+            return pair_set.rows
+        if pair_set is not None and self._every_pair_in_order(pair_set.b_host, pair_set.m_host):
+            rows = [s.flatten(0, 1) for s in self.scales]  # views, no copy
         else:
-            gathered = [pair_rows(s, b_idx, m_idx) for s in self.scales]
-        if host is not None:
-            self._pairs = (host[0], host[1], gathered)
-        return gathered
+            rows = [pair_rows(s, b_idx, m_idx) for s in self.scales]
+        if pair_set is not None:
+            for other in self._pair_sets:
+                other.rows = None
+            pair_set.rows = rows
+        return rows
 
     def _every_pair_in_order(self, b_host: Tensor, m_host: Tensor) -> bool:
         batch, mods = self.scales[0].shape[:2]
