@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from models import configure
-from train_step import build_step, timed_steps
+from train_step import StepSpec, build_step, timed_steps
 
 
 def busy_union_us(intervals: list[tuple[float, float]]) -> float:
@@ -38,14 +39,13 @@ def busy_union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def profile(name: str, objective: str, size: int, precision: str, device: str, steps: int, profiled: int,
-            top: int, available: int, channels_last: bool, compile: bool, checkpointing: str) -> dict:
+def profile(spec: StepSpec, steps: int, profiled: int, top: int) -> dict:
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
 
-    step, info = build_step(name, objective, size, precision, device, available,
-                            checkpointing=checkpointing, compile=compile, channels_last=channels_last)
+    device = spec.device
+    step, info = build_step(spec)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     first, times = timed_steps(step, 2, steps, sync)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -104,9 +104,10 @@ def main(argv=None) -> int:
                 for layout in args.channels_last:
                     for objective in args.objectives:
                         try:
-                            res = profile(name, objective, size, prec, args.device, args.steps, args.profiled,
-                                          args.top, args.available, layout == "on", args.compile,
-                                          args.activation_checkpointing)
+                            spec = replace(StepSpec.from_args(args, name, objective, size, prec,
+                                                              args.activation_checkpointing),
+                                           channels_last=layout == "on")
+                            res = profile(spec, args.steps, args.profiled, args.top)
                         except Exception as exc:  # record and go on with the next configuration
                             res = {"model": name, "objective": objective, "size": size, "precision": prec,
                                    "channels_last": layout == "on",

@@ -227,15 +227,14 @@ def interleaved(args, name: str, objective: str, size: int, precision: str, chec
     import torch
 
     from models import configure
-    from train_step import build_step
+    from train_step import StepSpec, build_step
 
     cuda = args.device == "cuda"
     configure(args.threads, args.system_malloc)
     if cuda:
         torch.backends.cudnn.benchmark = True  # as train_step.py --device cuda, for both sides
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    ours, ours_info = build_step(name, objective, size, precision, args.device, args.available, args.dataset,
-                                 args.base_width, checkpointing, args.compile)
+    ours, ours_info = build_step(StepSpec.from_args(args, name, objective, size, precision, checkpointing))
     ref, ref_info = build_reference_step(resolve_dir(args.reference), name, objective, ours.batch, precision,
                                          args.device, _shim_on(args))
     sides = (("ours", ours), ("reference", ref))

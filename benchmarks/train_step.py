@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 from models import HeapPeak, _peak_mb, _rss_mb, configure  # the same probes as the backbone benchmark
 
@@ -57,21 +58,49 @@ def make_batch(size: int, dims: int, m: int, available: int, dev) -> dict:
             "mask": torch.tensor([[i < available for i in range(m)]])}  # on the host, as the trainer keeps it
 
 
-def build_step(name: str, objective: str, size: int, precision: str, device: str = "cpu",
-               available: int = 4, dataset: str = "brats2020", base_width: int = 8,
-               checkpointing: str = "off", compile: bool = False, channels_last: bool = False,
-               mask_on_device: bool = False, checkpoint_rows: str = "each"):
+@dataclass(frozen=True)
+class StepSpec:
+    """One measured training step: backbone, objective, input and training options.
+
+    `available`: the first `available` modalities are present (PASSION runs one single-modality
+    fusion per available one). `mask_on_device` puts the availability mask on the device, which
+    makes every shape decision the models take from it wait for the device (the step as it was
+    before the ninth session, for an A/B on a GPU). `checkpoint_rows`: "each" (per-row blocks
+    recomputed one row at a time, the default) or "together" (all rows at once), under
+    checkpointing decoder / all. `channels_last`: model weights and images in channels-last
+    memory order (NDHWC / NHWC), the layout cuDNN's tensor-core convolution kernels prefer.
+    """
+
+    model: str
+    objective: str
+    size: int
+    precision: str = "fp32"
+    device: str = "cpu"
+    available: int = 4
+    dataset: str = "brats2020"
+    base_width: int = 8
+    checkpointing: str = "off"
+    compile: bool = False
+    channels_last: bool = False
+    mask_on_device: bool = False
+    checkpoint_rows: str = "each"
+
+    @classmethod
+    def from_args(cls, args, model: str, objective: str, size: int, precision: str, checkpointing: str,
+                  device: str | None = None) -> "StepSpec":
+        """The spec of one configuration of this script's (or profile_step's) command line."""
+        return cls(model, objective, size, precision, device or args.device, args.available,
+                   getattr(args, "dataset", "brats2020"), getattr(args, "base_width", 8), checkpointing,
+                   args.compile, bool(getattr(args, "channels_last", False)),
+                   getattr(args, "mask_on_device", False), getattr(args, "checkpoint_rows", "each"))
+
+
+def build_step(spec: StepSpec):
     """A closure running one training step of a freshly built model, and a description of it.
 
     The step is the trainer's: forward, backward, one read of the loss and logged values, optimizer
-    step. The availability mask stays on the host, as the trainer keeps it; `mask_on_device` puts
-    it on the device instead, which makes every shape decision the models take from it wait for
-    the device (the step as it was before the ninth session, for an A/B on a GPU).
-    `checkpoint_rows`: "each" (per-row blocks recomputed one row at a time, the default) or
-    "together" (all rows at once), under checkpointing decoder / all.
-
-    `channels_last`: model weights and images in channels-last memory order (NDHWC / NHWC), the
-    layout cuDNN's tensor-core convolution kernels prefer.
+    step. The availability mask stays on the host, as the trainer keeps it (see StepSpec for the
+    options).
     """
     import torch
 
@@ -81,58 +110,56 @@ def build_step(name: str, objective: str, size: int, precision: str, device: str
     from passion.models import build_model
 
     torch.manual_seed(0)
-    dev = torch.device(device)
-    spec = get_spec(dataset)
-    m, dims = spec.num_modalities, spec.spatial_dims
-    available = min(available, m)
-    model = build_model(name, num_modalities=m, num_classes=spec.num_classes, base_width=base_width,
-                        patch_size=(size,) * dims, spatial_dims=dims).to(dev).train()
-    if checkpointing != "off":
-        model.set_activation_checkpointing(checkpointing, row_at_a_time=checkpoint_rows == "each")
-    layout = {3: torch.channels_last_3d, 2: torch.channels_last}[dims] if channels_last else None
+    dev = torch.device(spec.device)
+    data = get_spec(spec.dataset)
+    m, dims = data.num_modalities, data.spatial_dims
+    available = min(spec.available, m)
+    model = build_model(spec.model, num_modalities=m, num_classes=data.num_classes, base_width=spec.base_width,
+                        patch_size=(spec.size,) * dims, spatial_dims=dims).to(dev).train()
+    if spec.checkpointing != "off":
+        model.set_activation_checkpointing(spec.checkpointing, row_at_a_time=spec.checkpoint_rows == "each")
+    layout = {3: torch.channels_last_3d, 2: torch.channels_last}[dims] if spec.channels_last else None
     if layout is not None:
         model = model.to(memory_format=layout)
-    if compile:
+    if spec.compile:
         model.compile_stages(allow_cpu=True)  # the trainer ignores train.compile on a CPU; here it is measured
-    obj = build_objective(objective, ObjectiveConfig(name=objective), num_modalities=m,
-                          modality_names=list(spec.modalities), availability_counts=[100] * m,
+    obj = build_objective(spec.objective, ObjectiveConfig(name=spec.objective), num_modalities=m,
+                          modality_names=list(data.modalities), availability_counts=[100] * m,
                           iters_per_epoch=219, setting="idt")
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4, amsgrad=True)
-    batch = make_batch(size, dims, m, available, dev)
-    if mask_on_device:
+    batch = make_batch(spec.size, dims, m, available, dev)
+    if spec.mask_on_device:
         batch["mask"] = batch["mask"].to(dev)
     if layout is not None:
         batch["image"] = batch["image"].contiguous(memory_format=layout)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=spec.precision == "bf16"):
             out = obj(model, batch, 0)
         out.loss.backward()
         out.host_values()
         opt.step()
 
     step.batch = batch  # `--reference` feeds the very same tensors to the paper's code
-    info = {"model": name, "objective": objective, "precision": precision, "dataset": dataset, "size": size,
-            "spatial_dims": dims, "batch": 1, "base_width": base_width, "available_modalities": available,
-            "device": device, "params": sum(p.numel() for p in model.parameters()),
-            "activation_checkpointing": checkpointing, "compile": compile, "channels_last": channels_last,
-            "mask_on_device": mask_on_device, "checkpoint_rows": checkpoint_rows}
+    info = {"model": spec.model, "objective": spec.objective, "precision": spec.precision,
+            "dataset": spec.dataset, "size": spec.size, "spatial_dims": dims, "batch": 1,
+            "base_width": spec.base_width, "available_modalities": available, "device": spec.device,
+            "params": sum(p.numel() for p in model.parameters()),
+            "activation_checkpointing": spec.checkpointing, "compile": spec.compile,
+            "channels_last": spec.channels_last, "mask_on_device": spec.mask_on_device,
+            "checkpoint_rows": spec.checkpoint_rows}
     return step, info
 
 
-def worker(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
-           threads: int | None, available: int = 4, system_malloc: bool = False,
-           dataset: str = "brats2020", base_width: int = 8, checkpointing: str = "off",
-           compile: bool = False, channels_last: bool = False, heap_peak: bool = False,
-           checkpoint_rows: str = "each") -> dict:
+def worker(spec: StepSpec, steps: int, warmup: int, threads: int | None, system_malloc: bool = False,
+           heap_peak: bool = False) -> dict:
     """One CPU configuration (run in its own process): step times and peak RSS; with `heap_peak`
     also the peak in-use malloc heap, sampled during the steps (which it slows by ~10 %)."""
     import torch
 
     configure(threads, system_malloc)
-    step, info = build_step(name, objective, size, precision, "cpu", available, dataset, base_width,
-                            checkpointing, compile, channels_last, checkpoint_rows=checkpoint_rows)
+    step, info = build_step(spec)
     base = _rss_mb()
     with HeapPeak() if heap_peak else contextlib.nullcontext() as heap:
         first, times = timed_steps(step, warmup, steps)
@@ -145,22 +172,18 @@ def worker(name: str, objective: str, size: int, steps: int, warmup: int, precis
     }
 
 
-def cuda_run(name: str, objective: str, size: int, steps: int, warmup: int, precision: str,
-             available: int = 4, dataset: str = "brats2020", base_width: int = 8,
-             checkpointing: str = "off", compile: bool = False, channels_last: bool = False,
-             mask_on_device: bool = False, checkpoint_rows: str = "each") -> dict:
+def cuda_run(spec: StepSpec, steps: int, warmup: int) -> dict:
     """One CUDA configuration in this process: synchronised step times and peak allocated memory."""
     import torch
 
     step = None
-    if compile:  # earlier configurations' compiled frames would count against the recompile limit
+    if spec.compile:  # earlier configurations' compiled frames would count against the recompile limit
         torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
-        step, info = build_step(name, objective, size, precision, "cuda", available, dataset, base_width,
-                                checkpointing, compile, channels_last, mask_on_device, checkpoint_rows)
+        step, info = build_step(spec)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         first, times = timed_steps(step, warmup, steps, torch.cuda.synchronize)
@@ -173,9 +196,9 @@ def cuda_run(name: str, objective: str, size: int, steps: int, warmup: int, prec
             "peak_cuda_reserved_mb": round(torch.cuda.max_memory_reserved() / 2 ** 20, 1),
         }
     except torch.cuda.OutOfMemoryError as exc:
-        return {"device": "cuda", "size": size, "error": f"out of memory: {str(exc).splitlines()[0]}"}
+        return {"device": "cuda", "size": spec.size, "error": f"out of memory: {str(exc).splitlines()[0]}"}
     except Exception as exc:  # record and go on with the next configuration
-        return {"device": "cuda", "size": size, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+        return {"device": "cuda", "size": spec.size, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
     finally:
         del step
         gc.collect()
@@ -283,10 +306,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sizes = args.sizes or [args.size]
     if args.worker:
-        print(json.dumps(worker(args.models[0], args.objectives[0], sizes[0], args.steps, args.warmup,
-                                args.precisions[0], args.threads, args.available, args.system_malloc,
-                                args.dataset, args.base_width, args.activation_checkpointing[0],
-                                args.compile, args.channels_last, args.heap_peak, args.checkpoint_rows)))
+        spec = StepSpec.from_args(args, args.models[0], args.objectives[0], sizes[0], args.precisions[0],
+                                  args.activation_checkpointing[0], device="cpu")
+        print(json.dumps(worker(spec, args.steps, args.warmup, args.threads, args.system_malloc, args.heap_peak)))
         return 0
     if args.reference_worker:
         import reference_step
@@ -313,9 +335,8 @@ def main(argv=None) -> int:
                 for ckpt in args.activation_checkpointing:
                     for objective in args.objectives:
                         if args.device == "cuda":
-                            res = cuda_run(name, objective, size, args.steps, args.warmup, prec, args.available,
-                                           args.dataset, args.base_width, ckpt, args.compile, args.channels_last,
-                                           args.mask_on_device, args.checkpoint_rows)
+                            res = cuda_run(StepSpec.from_args(args, name, objective, size, prec, ckpt),
+                                           args.steps, args.warmup)
                         else:
                             res = cpu_run(args, name, objective, size, prec, ckpt)
                         res.update(model=name, objective=objective, precision=prec, activation_checkpointing=ckpt)
