@@ -91,3 +91,54 @@ def test_passion_objective_step_is_unchanged_by_batching(name, monkeypatch):
     assert g_b.keys() == g_s.keys()
     for k in g_b:
         torch.testing.assert_close(g_b[k], g_s[k], rtol=1e-8, atol=1e-12, msg=k)
+
+
+def _passion_step(model, batch, setting="idt"):
+    obj = build_objective("passion", ObjectiveConfig(), M, ["a", "b", "c"], [4, 4, 4], 10, setting)
+    model.zero_grad(set_to_none=True)
+    out = obj(model, batch, 0)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("masks, setting", [
+    ([[False, True, False]], "idt"),                         # one sample, one modality: no student runs
+    ([[True, False, False], [True, False, True]], "idt"),   # one sample reuses, the other fuses students
+    ([[False, False, True], [True, True, False]], "pdt"),   # pdt: students of every modality, teacher mask drawn
+])
+def test_students_on_their_own_samples_mask_reuse_the_teacher_row(name, masks, setting, monkeypatch):
+    """A student whose one-hot mask is its sample's mask IS the teacher's row: the PASSION loss,
+    its logged values and every parameter gradient equal those of fusing every student."""
+    model, cfg = tiny(name)
+    assert model.fuse_is_deterministic()  # TINY turns dropout off
+    n = len(masks)
+    batch = {"image": torch.randn(n, M, *cfg["patch_size"], dtype=torch.float64),
+             "target": torch.randint(0, C, (n, *cfg["patch_size"])),
+             "mask": torch.tensor(masks)}
+    calls = []
+    original = type(model).fuse_teacher_and_singles
+    monkeypatch.setattr(type(model), "fuse_teacher_and_singles",
+                        lambda self, f, mask, b, m: calls.append(b.numel()) or original(self, f, mask, b, m))
+    reused, g_reused = _passion_step(model, batch, setting)
+    students = 3 * n if setting == "pdt" else int(batch["mask"].sum())
+    assert sum(calls) == students - sum(1 for row in masks if sum(row) == 1)
+    monkeypatch.setattr(type(model), "fuse_is_deterministic", lambda self: False)
+    calls.clear()
+    every, g_every = _passion_step(model, batch, setting)
+    assert calls == [students]
+    torch.testing.assert_close(reused.loss.detach(), every.loss.detach(), rtol=1e-10, atol=1e-12)
+    for key, value in every.stats.items():
+        assert reused.stats[key] == pytest.approx(value, rel=1e-7, abs=1e-9), key
+    assert g_reused.keys() == g_every.keys()
+    for k in g_every:
+        torch.testing.assert_close(g_reused[k], g_every[k], rtol=1e-8, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("name", ["mmformer", "m2ftrans"])
+def test_fusion_with_active_dropout_is_not_deterministic(name):
+    model = build_model(name, num_modalities=M, num_classes=C, base_width=4, patch_size=(32, 32, 32)).train()
+    assert not model.fuse_is_deterministic()  # students draw their own dropout masks: all of them run
+    assert model.eval().fuse_is_deterministic()
+    assert build_model("rfnet", num_modalities=M, num_classes=C, base_width=4,
+                       patch_size=(16, 16, 16)).train().fuse_is_deterministic()

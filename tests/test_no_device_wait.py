@@ -49,7 +49,8 @@ class BlockingCopies(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def meta_step(model_name: str, objective: str, checkpointing: str = "off") -> tuple[ObjectiveOutput, torch.nn.Module]:
+def meta_step(model_name: str, objective: str, checkpointing: str = "off",
+              mask: torch.Tensor = MASK) -> tuple[ObjectiveOutput, torch.nn.Module]:
     model = build_model(model_name, num_modalities=M, num_classes=C, base_width=4,
                         patch_size=(SIZE,) * 3).to("meta").train()
     model.set_activation_checkpointing(checkpointing)
@@ -58,7 +59,7 @@ def meta_step(model_name: str, objective: str, checkpointing: str = "off") -> tu
                           iters_per_epoch=8, setting="idt")
     batch = {"image": torch.empty(2, M, SIZE, SIZE, SIZE, device="meta"),
              "target": torch.empty(2, SIZE, SIZE, SIZE, dtype=torch.long, device="meta"),
-             "mask": MASK.clone()}  # the host, as Trainer._to_device leaves it
+             "mask": mask.clone()}  # the host, as Trainer._to_device leaves it
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=1e-4, amsgrad=True)
     with BlockingCopies() as copies:
         out = obj(model, batch, 0)
@@ -83,6 +84,12 @@ def test_a_training_step_runs_without_reading_the_device(model_name, objective):
 @pytest.mark.parametrize("model_name", list_models())
 def test_a_checkpointed_passion_step_runs_without_reading_the_device(model_name):
     out, _ = meta_step(model_name, "passion", "all")
+    assert out.loss.device.type == "meta"
+
+
+def test_a_passion_step_whose_students_reuse_teacher_rows_runs_without_reading_the_device():
+    one_modality = torch.tensor([[False, True, False, False], [True, False, True, False]])
+    out, _ = meta_step("rfnet", "passion", mask=one_modality)  # sample 0's student is its teacher row
     assert out.loss.device.type == "meta"
 
 

@@ -18,6 +18,9 @@ every backbone without adapters:
   does exactly that); backbones override it where a one-hot mask allows a cheaper exact path.
 - ``fuse_teacher_and_singles(features, mask, b_idx, m_idx)``: ``fuse`` and ``fuse_single``
   together, one batched decoder pass where the backbone allows it.
+- ``fuse_teacher_and_students(features, mask, available)``: PASSION's teacher and one student
+  per available pair, where a student that would recompute its sample's teacher row reuses it
+  (shared, not overridden).
 - ``decode_single(features, mask=None) -> logits [B, M, C, *spatial]``: the shared
   single-modality decoder applied to each modality's features. Entries whose mask is False
   may be skipped (returned as zeros). ``decode_available`` implements it for a decoder over
@@ -191,6 +194,16 @@ class FusedOutput:
     aux_logits: list[Tensor] = field(default_factory=list)
     decoder_features: list[Tensor] = field(default_factory=list)
 
+    @staticmethod
+    def rows_of(outputs: list["FusedOutput"], rows: Tensor) -> "FusedOutput":
+        """Rows `rows` of the outputs' rows stacked in order, for every tensor."""
+        def pick(*ts: Tensor) -> Tensor:
+            return (ts[0] if len(ts) == 1 else torch.cat(ts)).index_select(0, rows)
+
+        return FusedOutput(pick(*(o.logits for o in outputs)),
+                           [pick(*ts) for ts in zip(*(o.aux_logits for o in outputs))],
+                           [pick(*ts) for ts in zip(*(o.decoder_features for o in outputs))])
+
     def split(self, n: int) -> tuple["FusedOutput", "FusedOutput"]:
         """(rows [:n], rows [n:]) of every tensor: a batched call back into its two groups."""
         parts = [(t[:n], t[n:]) for t in [self.logits, *self.aux_logits, *self.decoder_features]]
@@ -233,6 +246,43 @@ class Backbone(nn.Module, abc.ABC):
         and students. Backbones whose decoder takes both row groups override this with ONE batched
         pass over B + P rows (same weights, same values); the default makes the two calls."""
         return self.fuse(features, mask), self.fuse_single(features, b_idx, m_idx)
+
+    def fuse_teacher_and_students(self, features: Features, mask: Tensor,
+                                  available: Tensor) -> tuple[FusedOutput, FusedOutput]:
+        """PASSION's teacher (``fuse`` under `mask`) and its students: one row per available
+        (sample, modality) pair, in the order of ``features.pairs(available)``, fused under that
+        modality's one-hot mask.
+
+        A student whose one-hot mask is its own sample's mask (a sample with one modality) would
+        compute exactly the teacher's row again, when ``fuse`` draws nothing at random
+        (``fuse_is_deterministic``). Its row then IS the teacher's row, not detached, so the
+        student's gradient still flows through it, and only the other students run. Equal in
+        values and gradients (up to float rounding) to fusing every student."""
+        b_idx, m_idx = features.pairs(available)
+        teacher_mask = host_mask(mask)
+        b_host, m_host = host_mask(available).nonzero(as_tuple=True)
+        own = (teacher_mask.sum(dim=1) == 1)[b_host] & teacher_mask[b_host, m_host]
+        if not bool(own.any()) or not self.fuse_is_deterministic():
+            return self.fuse_teacher_and_singles(features, mask, b_idx, m_idx)
+        batch = features.batch_size
+        others = torch.zeros_like(teacher_mask)
+        others[b_host[~own], m_host[~own]] = True
+        if bool(others.any()):
+            fused, computed = self.fuse_teacher_and_singles(features, mask, *features.pairs(others))
+        else:
+            fused, computed = self.fuse(features, mask), None
+        # each pair's row in [teacher rows, computed student rows]
+        rows = torch.where(own, b_host, batch + torch.cumsum(~own, dim=0) - 1)
+        if computed is None and torch.equal(rows, torch.arange(batch)):
+            return fused, fused
+        return fused, FusedOutput.rows_of([fused] if computed is None else [fused, computed],
+                                          to_device(rows, features.scales[0].device))
+
+    def fuse_is_deterministic(self) -> bool:
+        """Whether ``fuse`` gives the same output for the same input: not while a dropout layer
+        is active (mmFormer's and M2FTrans's transformers train with dropout 0.1)."""
+        return not (self.training and any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+                                          for m in self.modules()))
 
     @abc.abstractmethod
     def decode_single(self, features: Features, mask: Tensor | None = None) -> Tensor: ...
