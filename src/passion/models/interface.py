@@ -18,9 +18,8 @@ every backbone without adapters:
   does exactly that); backbones override it where a one-hot mask allows a cheaper exact path.
 - ``fuse_teacher_and_singles(features, mask, b_idx, m_idx)``: ``fuse`` and ``fuse_single``
   together, one batched decoder pass where the backbone allows it.
-- ``fuse_teacher_and_students(features, mask, available)``: PASSION's teacher and one student
-  per available pair, where a student that would recompute its sample's teacher row reuses it
-  (shared, not overridden).
+- ``fuse_teacher_and_students(features, mask, b_idx, m_idx)``: the same for PASSION, where a
+  student that would recompute its sample's teacher row reuses it (shared, not overridden).
 - ``decode_single(features, mask=None) -> logits [B, M, C, *spatial]``: the shared
   single-modality decoder applied to each modality's features. Entries whose mask is False
   may be skipped (returned as zeros). ``decode_available`` implements it for a decoder over
@@ -55,9 +54,14 @@ def host_mask(mask: Tensor) -> Tensor:
 def to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
     """A small host tensor (mask, indices, weights) on `device` without waiting for the device.
 
-    A blocking host->GPU copy waits for every kernel queued before it; ``non_blocking`` from
-    ordinary (pageable) host memory stages the bytes and returns, so the copy simply joins the
-    queue. On the host, or already on `device`, nothing is copied."""
+    A blocking host->GPU copy waits for every kernel queued before it, and CUDA may do the same
+    for a ``non_blocking`` copy from ordinary (pageable) memory; from page-locked memory the
+    copy simply joins the queue, so a host tensor bound for a CUDA device is pinned first (a
+    host-side copy; PyTorch keeps the pinned block until the transfer is done). On the host, or
+    already on `device`, nothing is copied."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
     return t.to(device=device, dtype=dtype, non_blocking=True)
 
 
@@ -122,6 +126,11 @@ class Features:
         pair_set = _PairSet(to_device(b_host, device), to_device(m_host, device), b_host, m_host)
         self._pair_sets.append(pair_set)
         return pair_set
+
+    def host_pairs(self, b_idx: Tensor, m_idx: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The pairs' values on the host without a device sync (see ``_pair_set_of``)."""
+        pair_set = self._pair_set_of(b_idx, m_idx)
+        return None if pair_set is None else (pair_set.b_host, pair_set.m_host)
 
     def _pair_set_of(self, b_idx: Tensor, m_idx: Tensor) -> _PairSet | None:
         """The pair set of these indices without a device sync: host tensors are looked up by
@@ -247,22 +256,22 @@ class Backbone(nn.Module, abc.ABC):
         pass over B + P rows (same weights, same values); the default makes the two calls."""
         return self.fuse(features, mask), self.fuse_single(features, b_idx, m_idx)
 
-    def fuse_teacher_and_students(self, features: Features, mask: Tensor,
-                                  available: Tensor) -> tuple[FusedOutput, FusedOutput]:
-        """PASSION's teacher (``fuse`` under `mask`) and its students: one row per available
-        (sample, modality) pair, in the order of ``features.pairs(available)``, fused under that
-        modality's one-hot mask.
-
-        A student whose one-hot mask is its own sample's mask (a sample with one modality) would
-        compute exactly the teacher's row again, when ``fuse`` draws nothing at random
+    def fuse_teacher_and_students(self, features: Features, mask: Tensor, b_idx: Tensor,
+                                  m_idx: Tensor) -> tuple[FusedOutput, FusedOutput]:
+        """PASSION's teacher and students: ``fuse_teacher_and_singles``, except that a student
+        whose one-hot mask is its own sample's mask (a sample with one modality) would compute
+        exactly the teacher's row again when ``fuse`` draws nothing at random
         (``fuse_is_deterministic``). Its row then IS the teacher's row, not detached, so the
         student's gradient still flows through it, and only the other students run. Equal in
-        values and gradients (up to float rounding) to fusing every student."""
-        b_idx, m_idx = features.pairs(available)
+        values and gradients (up to float rounding) to fusing every student. Decided from the
+        host copies of the mask and of the pairs (``Features.pairs``)."""
+        host = features.host_pairs(b_idx, m_idx)
+        if host is None or not self.fuse_is_deterministic():
+            return self.fuse_teacher_and_singles(features, mask, b_idx, m_idx)
+        b_host, m_host = host
         teacher_mask = host_mask(mask)
-        b_host, m_host = host_mask(available).nonzero(as_tuple=True)
         own = (teacher_mask.sum(dim=1) == 1)[b_host] & teacher_mask[b_host, m_host]
-        if not bool(own.any()) or not self.fuse_is_deterministic():
+        if not bool(own.any()):
             return self.fuse_teacher_and_singles(features, mask, b_idx, m_idx)
         batch = features.batch_size
         others = torch.zeros_like(teacher_mask)

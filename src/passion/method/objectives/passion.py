@@ -90,7 +90,7 @@ class PassionObjective(Objective):
             return self._warmup_step(model, features, target, a, b_idx, m_idx, beta, w)
 
         # teacher (the actual mask) and students (one-hot masks), one batched pass where the backbone can
-        fused, single = model.fuse_teacher_and_students(features, mask, a)
+        fused, single = model.fuse_teacher_and_students(features, mask, b_idx, m_idx)
         y = L.one_hot(target, fused.logits.shape[1])
         l_fuse, l_aux = fused_losses(model, fused, y)
         sep_m = sep_losses(model, features, a, y, b_idx, m_idx).sum(dim=0) / shape[0]
